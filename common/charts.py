@@ -1,0 +1,246 @@
+"""Charts drawn from whatever run folders exist under training/; an experiment without history is
+shown as "not run", never invented. Every label carries where its numbers came from.
+
+Chart files are drawn on bare `Figure`s, so making them never touches pyplot's backend or state
+(a notebook keeps its inline plots); `plot_run` is the one pyplot figure, meant for display.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
+from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info
+
+RESULTS_DIR = REPO_ROOT / "results"
+README = REPO_ROOT / "README.md"
+README_MARKERS = ("<!-- results:start (written by `python -m common charts`) -->", "<!-- results:end -->")
+ARCHITECTURES = [name for name, e in EXPERIMENTS.items() if e.group == "architectures"]
+
+
+@dataclass
+class RunRecord:
+    name: str
+    history: dict
+    info: dict
+
+    @property
+    def variant(self):
+        return self.info.get("data", {}).get("variant", "unknown data")
+
+    @property
+    def device(self):
+        name = self.info.get("device", {}).get("name", "unknown device")
+        return "CPU" if name.startswith("CPU") else name.replace("NVIDIA ", "")
+
+    @property
+    def smoke(self):
+        return self.info.get("budget") != "full"
+
+    @property
+    def epochs(self):
+        """'200 ep', or '3/200 ep' for a run that stopped short of its experiment's epochs."""
+        done, planned = len(self.history["test_acc"]), EXPERIMENTS[self.name].config.epochs
+        return f"{done}/{planned} ep" if done < planned else f"{done} ep"
+
+    @property
+    def provenance(self):
+        """e.g. 'exact-offline, 200 ep, seed 0, H100 80GB HBM3', with ', SMOKE' for a smoke run."""
+        text = f"{self.variant}, {self.epochs}, seed {self.info.get('seed', '?')}, {self.device}"
+        return text + (", SMOKE" if self.smoke else "")
+
+
+def load_run(folder, name):
+    """The run in `folder`, or None when it holds no history; a malformed one is reported in one
+    line and skipped."""
+    folder = Path(folder)
+    if not any((folder / f).exists() for f in HISTORY_FILES.values()):
+        return None
+    try:
+        history, info = read_history(folder), read_run_info(folder)
+    except RunFolderError as e:
+        print(f"skipped {name}: {e}")
+        return None
+    return RunRecord(name, history, info) if history["test_acc"] else None
+
+
+def collect_runs(training_dir=TRAINING_DIR):
+    return {name: load_run(Path(training_dir) / name, name) for name in EXPERIMENTS}
+
+
+def curves_chart(runs, names, key, ylabel, title, path):
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
+    scale = 100 if key.endswith("acc") else 1
+    for name in names:
+        run = runs.get(name)
+        if run is None:
+            ax.plot([], [], linestyle=":", color="grey", label=f"{name}: not run")
+            continue
+        values = [scale * v for v in run.history[key]]
+        ax.plot(range(1, len(values) + 1), values, label=f"{name} ({run.provenance})")
+    if not any(runs.get(n) for n in names):
+        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes,
+                fontsize=14, color="grey")
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    save(fig, path)
+
+
+def train_vs_test_chart(runs, names, path):
+    fig = Figure(figsize=(6 * len(names), 4.5))
+    axes = fig.subplots(1, len(names), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        run = runs.get(name)
+        if run is None:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="grey")
+        else:
+            plot_accuracy(ax, run.history)
+            ax.legend(fontsize=8)
+        ax.set_title(f"{name}" + (f"\n{run.provenance}" if run else ""), fontsize=10)
+    save(fig, path)
+
+
+def plot_accuracy(ax, history):
+    epochs = range(1, len(history["test_acc"]) + 1)
+    ax.plot(epochs, [100 * v for v in history["train_acc"]], label="train")
+    ax.plot(epochs, [100 * v for v in history["test_acc"]], label="test")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
+def collect_checks(checks_dir):
+    """Run folders under results/checks/ (measurements of the code outside the experiments' own
+    folders, e.g. a CPU check), each named by its folder; run.json names the experiment."""
+    checks = []
+    for folder in sorted(Path(checks_dir).glob("*/")):
+        run = load_run(folder, folder.name)
+        if run is not None and run.info.get("experiment") in EXPERIMENTS:
+            checks.append((folder.name, RunRecord(run.info["experiment"], run.history, run.info)))
+    return checks
+
+
+def markdown_table(columns, rows):
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def results_markdown(runs, checks):
+    """The README's results: full-budget runs only, then checks, each with its provenance."""
+    full = {name: run for name, run in runs.items() if run is not None and not run.smoke}
+    rows = [row for row in summary_rows(full) if row[2] != "not run"]
+    parts = [markdown_table(SUMMARY_COLUMNS, rows) if rows else
+             "No full-budget run yet: all fourteen experiments are still to be run on a GPU."]
+    if checks:
+        parts.append("Checks (reduced budgets: measurements of the code, not results):")
+        parts.append(markdown_table(
+            ["check", "experiment", "epochs", "data", "device", "training images/s", "test %"],
+            [[name, run.name, run.epochs, run.variant, run.device,
+              f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}"]
+             for name, run in checks]))
+    return "\n\n".join(parts)
+
+
+def update_readme(text, readme=README):
+    """Replace what stands between the README's result markers; False if the markers are missing."""
+    readme = Path(readme)
+    content = readme.read_text() if readme.is_file() else ""
+    start, end = README_MARKERS
+    if start not in content or end not in content:
+        return False
+    head, rest = content.split(start, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
+def summary_rows(runs):
+    """One row per experiment: what was measured beside what the original study published."""
+    rows = []
+    for name, exp in EXPERIMENTS.items():
+        run = runs.get(name)
+        published = "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
+        if run is None:
+            rows.append([name, "-", "not run", "-", "-", "-", "-", published])
+            continue
+        acc = run.history["test_acc"]
+        rows.append([name, f"{run.info.get('trainable_parameters', 0):,}",
+                     run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
+                     f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published])
+    return rows
+
+
+SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "best test %",
+                   "final test %", "original study %"]
+
+
+def summary_table(runs, path):
+    columns = SUMMARY_COLUMNS
+    rows = summary_rows(runs)
+    fig = Figure(figsize=(13, 0.3 * len(rows) + 0.9))
+    ax = fig.subplots()
+    ax.axis("off")
+    table = ax.table(cellText=rows, colLabels=columns, cellLoc="left", bbox=[0, 0, 1, 1])
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.auto_set_column_width(list(range(len(columns))))
+    for (row, _), cell in table.get_celld().items():
+        if row == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("#e8e8e8")
+    ax.set_title("Small ResNets on CIFAR-10: measured here vs the original study "
+                 "(best/final test accuracy; 'smoke' = reduced budget, not a result)", fontsize=10)
+    save(fig, path)
+
+
+def save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same runs, same file
+
+
+def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULTS_DIR, readme=None):
+    """Every chart of the original study, from the run folders that exist, and the README's results
+    block when `readme` is given. Returns the paths written."""
+    runs = collect_runs(training_dir)
+    top_dir, results_dir = Path(top_dir), Path(results_dir)
+    activations = [n for n in EXPERIMENTS if n.startswith("changing_activations/")]
+    optimisers = [n for n in EXPERIMENTS if n.startswith("changing_optimisers/")]
+    jobs = [
+        (curves_chart, (runs, ARCHITECTURES, "test_acc", "test accuracy (%)",
+                        "Test accuracy of the five architectures", top_dir / "model_acc.png")),
+        (curves_chart, (runs, ARCHITECTURES, "test_loss", "test loss",
+                        "Test loss of the five architectures", top_dir / "model_loss.png")),
+        (curves_chart, (runs, activations, "test_acc", "test accuracy (%)",
+                        "Activation sweep over res_512_d (SGD lr 0.1)", results_dir / "activations.png")),
+        (curves_chart, (runs, optimisers, "test_acc", "test accuracy (%)",
+                        "Optimiser sweep over res_512_d (ReLU, lr 0.1)", results_dir / "optimisers.png")),
+        (train_vs_test_chart, (runs, ["res_512", "res_512_d"], results_dir / "train_vs_test.png")),
+        (summary_table, (runs, top_dir / "model_summary.png")),
+    ]
+    for draw, args in jobs:
+        draw(*args)
+    paths = [args[-1] for _, args in jobs]
+    if readme is not None and update_readme(results_markdown(runs, collect_checks(results_dir / "checks")), readme):
+        paths.append(Path(readme))
+    return paths
+
+
+def plot_run(folder):
+    """Loss and accuracy of one run folder, train against test (for notebooks)."""
+    import matplotlib.pyplot as plt
+    history = read_history(folder)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = range(1, len(history["test_loss"]) + 1)
+    loss_ax.plot(epochs, history["train_loss"], label="train")
+    loss_ax.plot(epochs, history["test_loss"], label="test")
+    loss_ax.set(xlabel="epoch", ylabel="loss")
+    loss_ax.grid(alpha=0.3)
+    plot_accuracy(acc_ax, history)
+    for ax in (loss_ax, acc_ax):
+        ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,105 @@
+"""python -m common {list,train,charts,notebooks}: the same runs as the notebooks, without Jupyter.
+
+Bad input ends with one line on stderr and a non-zero status, never a traceback.
+"""
+import argparse
+import sys
+
+from .config import UserError, parse_setting
+from .experiments import EXPERIMENTS, get_experiment
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cmd_list(args):
+    from .models import count_parameters, model_from_config, model_options
+    print(f"{'experiment':32} {'architecture':12} {'activation':10} {'optimizer':9} "
+          f"{'epochs':>6} {'trainable params':>16}")
+    for name, exp in EXPERIMENTS.items():
+        c = exp.config
+        activation = model_options(c)["activation"]
+        print(f"{name:32} {c.architecture:12} {activation:10} {c.optimizer:9} {c.epochs:>6} "
+              f"{count_parameters(model_from_config(c)):>16,}")
+
+
+def cmd_train(args):
+    from .training import train
+    config = get_experiment(args.experiment).config
+    overrides = dict(parse_setting(config, text) for text in args.set)
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "data_dir": args.data_dir,
+             "subset": args.subset, "device": args.device, "seed": args.seed}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_download:
+        overrides["download"] = False
+    train(args.experiment, out_dir=args.out, overwrite=args.overwrite, **overrides)
+
+
+def cmd_charts(args):
+    from .charts import make_charts
+    for path in make_charts(args.training_dir, args.top_dir, args.results_dir, args.readme):
+        print(f"wrote {path}")
+
+
+def cmd_notebooks(args):
+    from .notebooks import write_notebooks
+    stale = write_notebooks(check=args.check)
+    for path in stale:
+        print(f"{'differs from the registry' if args.check else 'wrote'}: {path}")
+    if args.check and stale:
+        raise UserError(f"{len(stale)} notebook(s) differ; run `python -m common notebooks`")
+
+
+def build_parser():
+    from .charts import README, RESULTS_DIR
+    from .experiments import REPO_ROOT, TRAINING_DIR
+    parser = Parser(prog="python -m common", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    commands.add_parser("list", help="every experiment with its trainable-parameter count")
+
+    p = commands.add_parser("train", help="train one experiment, writing history files and run.json")
+    p.add_argument("experiment", help="a name from `python -m common list`")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: <repo>/data)")
+    p.add_argument("--out", help="run folder (default: the experiment's folder under training/)")
+    p.add_argument("--subset", type=int, help="train on N stratified images: a smoke run")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-download", action="store_true", help="never download; fail if data is missing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other Config field, e.g. --set lr=0.05 --set optimizer=adam")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a smoke run replace a full-budget run's files")
+
+    p = commands.add_parser("charts", help="redraw the charts from the history files that exist")
+    p.add_argument("--training-dir", default=TRAINING_DIR)
+    p.add_argument("--top-dir", default=REPO_ROOT, help="where model_acc/loss/summary.png go")
+    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--readme", default=README, help="README whose results block to rewrite")
+
+    p = commands.add_parser("notebooks", help="rewrite the experiments' notebooks from the registry")
+    p.add_argument("--check", action="store_true", help="only report notebooks that differ")
+    return parser
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "charts": cmd_charts, "notebooks": cmd_notebooks}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run folder keeps every finished epoch", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,206 @@
+"""CIFAR-10: a safe reader for the official python layout, and batched augmentation on the device.
+
+The whole dataset lives on the training device as uint8 (150 MB); every batch is augmented there in
+one `grid_sample` call, so no per-image PIL pipeline and no DataLoader workers feed the model.
+"""
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import UserError
+from .experiments import REPO_ROOT
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+OFFLINE_HINT = ("extract cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+                "there, or pass --data-dir (the README's Data section has offline options)")
+
+try:  # numpy 2 moved the modules the official pickles name; both names resolve to the same functions
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """The file asks to call something a CIFAR-10 batch never needs."""
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """What Python 3 pickles at protocol 2 call to make bytes; only the latin1 form is allowed."""
+    if encoding != "latin1":
+        raise RefusedPickle(f"refused to decode bytes with {encoding!r}")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10 batches contain: dicts, lists, bytes, ints and numpy arrays,
+    as written by Python 2 (the official files) or Python 3 at any protocol. Any other global
+    (os.system, builtins.eval, ...) is refused before it can be called."""
+
+    ALLOWED = {
+        **{(f"numpy.{core}.multiarray", "_reconstruct"): _reconstruct for core in ("core", "_core")},
+        **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedPickle(f"refused to load {module}.{name}, which CIFAR-10 never uses")
+        return self.ALLOWED[(module, name)]
+
+
+def read_batch(path):
+    """One batch file -> (images uint8 (N, 3, 32, 32), labels int64 (N,), filenames list[str])."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except RefusedPickle as e:
+        raise UserError(f"{path}: not a CIFAR-10 batch: {e}; nothing in it was run") from None
+    except Exception as e:  # truncated or garbled files raise EOFError, ValueError, KeyError, ...
+        raise UserError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise UserError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072):
+        shape = getattr(data, "shape", None)
+        raise UserError(f"{path}: b'data' must be a uint8 array of N x 3072, got {shape} "
+                        f"{getattr(data, 'dtype', type(data).__name__)}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: b'labels' must be a list of integers") from None
+    if labels.shape != (len(data),):
+        raise UserError(f"{path}: {len(data)} images but labels of shape {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise UserError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}")
+    filenames = [f.decode(errors="replace") if isinstance(f, bytes) else str(f)
+                 for f in batch.get(b"filenames", [])]
+    return data.reshape(-1, 3, 32, 32), labels, filenames
+
+
+FULL_VARIANTS = ("official", "exact-offline", "jpeg75")  # all 60,000 images: a run on them is a result
+
+
+def detect_variant(train_filenames, n_train, n_test):
+    """Which copy of CIFAR-10 a folder holds, told apart by its file names and row counts."""
+    first = train_filenames[0] if train_filenames else ""
+    if first.startswith("train_"):  # placeholders written by shared/data/cifar10/build.py
+        if (n_train, n_test) == (50000, 10000):
+            return "exact-offline"
+        return "exact-small" if (n_train, n_test) == (4000, 1000) else "exact-offline-partial"
+    if first.endswith(".jpg"):
+        return "jpeg75"
+    return "official" if (n_train, n_test) == (50000, 10000) else "unknown"
+
+
+@dataclass
+class Cifar10:
+    train_images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    folder: Path
+    variant: str
+
+    def to(self, device):
+        return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels,
+                                                self.test_images, self.test_labels)),
+                       self.folder, self.variant)
+
+
+def batches_folder(data_dir):
+    data_dir = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    return data_dir if data_dir.name == FOLDER else data_dir / FOLDER
+
+
+def download(folder):
+    """Fetch the official archive through torchvision into the folder's parent."""
+    from torchvision.datasets import CIFAR10
+    print(f"downloading CIFAR-10 into {folder.parent} ...")
+    try:
+        CIFAR10(root=str(folder.parent), train=True, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise UserError(f"could not download CIFAR-10 into {folder.parent} "
+                        f"({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+
+
+def load_cifar10(data_dir=None, allow_download=True):
+    folder = batches_folder(data_dir)
+    if not folder.is_dir():
+        if not allow_download:
+            raise UserError(f"no CIFAR-10 at {folder}; drop --no-download to fetch it, or "
+                            f"{OFFLINE_HINT}")
+        download(folder)
+    train = [read_batch(folder / name) for name in TRAIN_FILES]
+    test_images, test_labels, _ = read_batch(folder / TEST_FILE)
+    train_images = np.concatenate([images for images, _, _ in train])
+    train_labels = np.concatenate([labels for _, labels, _ in train])
+    variant = detect_variant(train[0][2], len(train_labels), len(test_labels))
+    return Cifar10(torch.from_numpy(train_images), torch.from_numpy(train_labels),
+                   torch.from_numpy(test_images), torch.from_numpy(test_labels), folder, variant)
+
+
+def stratified_subset(labels, size, seed):
+    """Indices of `size` images with the classes as evenly represented as the labels allow."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    quota = [size // len(classes) + (i < size % len(classes)) for i in range(len(classes))]
+    if any(q > len(idx) for q, idx in zip(quota, per_class)):
+        raise UserError(f"subset of {size} images is larger than the training set allows")
+    picked = [idx[torch.randperm(len(idx), generator=generator)[:q]] for q, idx in zip(quota, per_class)]
+    return torch.cat(picked).sort().values
+
+
+def normalize(images, mean, std):
+    """uint8 or [0, 1] float images -> normalised float32."""
+    images = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def augment(images, generator, crop_padding, flip, rotation_degrees):
+    """A batch of uint8 images -> float [0, 1], each with its own random crop (zero padding),
+    horizontal flip and rotation (nearest, zero fill), in the original's order.
+
+    The three are one affine map per image, so a single grid_sample does them: rotating the
+    flipped crop samples the source at F R^-1 q + t for output position q (F the flip, R the
+    rotation, t the crop offset, integer pixels).
+    """
+    n, device = len(images), images.device
+    size = images.shape[-1]
+
+    def uniform(low, high):
+        return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+    angle = uniform(-rotation_degrees, rotation_degrees) * (math.pi / 180)
+    cos, sin = angle.cos(), angle.sin()
+    mirror = torch.ones(n, device=device)
+    if flip:
+        mirror = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -mirror, mirror)
+    shift = torch.randint(-crop_padding, crop_padding + 1, (2, n), generator=generator,
+                          device=device).float() * (2 / size)
+    theta = torch.stack([
+        torch.stack([mirror * cos, mirror * sin, shift[0]], 1),
+        torch.stack([-sin, cos, shift[1]], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float() / 255, grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False)

@@ -1,0 +1,51 @@
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TRAIN_PER_BATCH, TEST_IMAGES = 40, 50
+
+
+def write_batch(path, data, labels, filenames=None):
+    """A batch file in the official layout: a protocol-2 pickle of a dict with bytes keys."""
+    filenames = filenames or [f"img_{i}.png" for i in range(len(labels))]
+    batch = {b"batch_label": b"test batch", b"labels": [int(y) for y in labels], b"data": data,
+             b"filenames": [f.encode() for f in filenames]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+def write_fake_cifar(root, seed=0):
+    """A tiny CIFAR-10 (200 training, 50 test images) in cifar-10-batches-py/, every class present.
+    Each class has its own mean colour, so a model can learn something from it."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+
+    def images(labels):
+        base = (labels[:, None] * 25).astype(np.int64)
+        return np.clip(base + rng.integers(0, 30, (len(labels), 3072)), 0, 255).astype(np.uint8)
+
+    for b in range(1, 6):
+        labels = np.arange(TRAIN_PER_BATCH) % 10
+        rng.shuffle(labels)
+        write_batch(folder / f"data_batch_{b}", images(labels), labels)
+    labels = np.arange(TEST_IMAGES) % 10
+    write_batch(folder / "test_batch", images(labels), labels)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def tiny(fake_data):
+    """Overrides that make any experiment a CPU run of seconds on the fake data."""
+    return dict(data_dir=str(fake_data), download=False, device="cpu", batch_size=64)

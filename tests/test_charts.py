@@ -1,0 +1,69 @@
+import json
+
+from PIL import Image
+
+from common.charts import collect_runs, make_charts, summary_rows
+from common.experiments import EXPERIMENTS
+from common.history import write_history, write_run_info
+
+
+def fake_run(folder, test_acc, budget="full", variant="exact-offline"):
+    n = len(test_acc)
+    write_history(folder, {"train_loss": [1.0] * n, "train_acc": [0.5] * n,
+                           "test_loss": [1.0] * n, "test_acc": test_acc})
+    write_run_info(folder, {"experiment": folder.name, "seed": 0, "budget": budget,
+                            "trainable_parameters": 4_961_610, "planned_epochs": n,
+                            "data": {"variant": variant},
+                            "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}})
+
+
+def test_charts_from_the_runs_that_exist(tmp_path, capsys):
+    training = tmp_path / "training"
+    fake_run(training / "res_512_d", [0.5, 0.8, 0.75])
+    fake_run(training / "changing_optimisers/adam", [0.3], budget="smoke", variant="exact-small")
+    (training / "res_512").mkdir(parents=True)
+    (training / "res_512" / "test_acc_history.txt").write_text("0.5\n")  # the other three missing
+    paths = make_charts(training, tmp_path / "top", tmp_path / "results")
+    assert sorted(p.name for p in paths) == sorted([
+        "model_acc.png", "model_loss.png", "activations.png", "optimisers.png",
+        "train_vs_test.png", "model_summary.png"])
+    for path in paths:
+        assert Image.open(path).size[0] > 300
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1 and "res_512" in out and "missing" in out
+
+    rows = {row[0]: row for row in summary_rows(collect_runs(training))}
+    assert rows["res_512_d"][5:7] == ["80.00", "75.00"]  # best and final, from the history file
+    assert rows["res_512_d"][2] == "3/200 ep" and rows["res_512_d"][4] == "H100 80GB HBM3"
+    assert rows["changing_optimisers/adam"][2].endswith("smoke")
+    assert rows["res_512"][2] == "not run" and rows["og_resnet"][5] == "-"
+    assert rows["og_resnet"][7] == "85.13/84.96"  # the original study's figures beside ours
+    assert len(rows) == len(EXPERIMENTS)
+
+
+def test_charts_are_deterministic(tmp_path):
+    fake_run(tmp_path / "training" / "res_512", [0.4, 0.6])
+    first = [p.read_bytes() for p in make_charts(tmp_path / "training", tmp_path / "a", tmp_path / "a")]
+    second = [p.read_bytes() for p in make_charts(tmp_path / "training", tmp_path / "b", tmp_path / "b")]
+    assert first == second
+
+
+def test_no_runs_means_everything_not_run(tmp_path):
+    rows = summary_rows(collect_runs(tmp_path))
+    assert all(row[2] == "not run" for row in rows)
+    assert json.dumps(rows)  # plain values only
+
+
+def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
+    from common.charts import collect_checks, results_markdown
+    fake_run(tmp_path / "training" / "res_512", [0.5, 0.9])
+    fake_run(tmp_path / "training" / "res_block", [0.2], budget="smoke")
+    check = tmp_path / "checks" / "cpu-1-epoch"
+    fake_run(check, [0.41], budget="smoke")
+    info = json.loads((check / "run.json").read_text())
+    (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d",
+                                                "train_images_per_second": [480.4]}))
+    text = results_markdown(collect_runs(tmp_path / "training"), collect_checks(tmp_path / "checks"))
+    assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 90.00 | 90.00 |" in text
+    assert "res_block" not in text  # a smoke run is no result
+    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 480 | 41.00 |" in text

@@ -1,0 +1,79 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from common.experiments import EXPERIMENTS
+from conftest import REPO
+
+
+def cli(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "common", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_list_shows_every_experiment_with_its_parameters():
+    result = cli("list")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 + len(EXPERIMENTS)
+    assert any(line.startswith("og_resnet ") and line.endswith("4,997,802") for line in lines)
+    assert any(line.startswith("res_block ") and line.endswith("4,979,498") for line in lines)
+
+
+def test_train_writes_the_run_folder(tmp_path, fake_data):
+    result = cli("train", "changing_optimisers/adagrad", "--epochs", "1", "--subset", "50",
+                 "--data-dir", fake_data, "--out", tmp_path, "--device", "cpu", "--no-download",
+                 "--batch-size", "32", "--set", "lr=0.05")
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["config"]["optimizer"] == "adagrad" and info["config"]["lr"] == 0.05
+    assert info["data"]["train_images"] == 50
+    assert "final test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "resnet_9000"], "unknown experiment"),
+    (["train", "res_512_d", "--epochs", "-2"], "epochs must be at least 1"),
+    (["train", "res_512_d", "--epochs", "two"], "invalid int value"),
+    (["train", "res_512_d", "--device", "quantum"], "unknown device"),
+    (["train", "res_512_d", "--device", "cuda:3"], "CUDA|visible"),
+    (["train", "res_512_d", "--data-dir", "{tmp}", "--no-download"], "no CIFAR-10 at"),
+    (["train", "res_512_d", "--data-dir", "{corrupt}", "--no-download"], "truncated or corrupt"),
+    (["train", "res_512_d", "--set", "lr"], "expects key=value"),
+    (["train", "res_512_d", "--set", "lr=fast"], "lr expects a float"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, message):
+    corrupt = tmp_path / "corrupt" / "cifar-10-batches-py"
+    corrupt.mkdir(parents=True)
+    for name in os.listdir(fake_data / "cifar-10-batches-py"):
+        (corrupt / name).write_bytes((fake_data / "cifar-10-batches-py" / name).read_bytes()[:100])
+    args = [a.format(tmp=tmp_path / "empty", corrupt=corrupt.parent) for a in args]
+    result = cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_charts_command(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start (written by `python -m common charts`) -->\nold\n"
+                      "<!-- results:end -->\nrest\n")
+    result = cli("charts", "--training-dir", tmp_path / "none", "--top-dir", tmp_path,
+                 "--results-dir", tmp_path / "results", "--readme", readme)
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("-->\nrest\n") and "old" not in text
+    assert "No full-budget run yet" in text
+    assert (tmp_path / "model_summary.png").is_file() and (tmp_path / "results" / "optimisers.png").is_file()
+
+
+def test_committed_notebooks_match_the_registry():
+    result = cli("notebooks", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,57 @@
+import pytest
+
+from common.history import (HISTORY_FILES, RunFolderError, read_history, read_run_info,
+                            write_atomic, write_history)
+
+
+def history(n=3):
+    return {key: [0.1 * (i + 1) + j / 3 for i in range(n)] for j, key in enumerate(HISTORY_FILES)}
+
+
+def test_history_round_trips_exactly_one_float_per_line(tmp_path):
+    written = history()
+    write_history(tmp_path, written)
+    assert read_history(tmp_path) == written
+    lines = (tmp_path / "test_acc_history.txt").read_text().splitlines()
+    assert len(lines) == 3 and all(float(line) == v for line, v in zip(lines, written["test_acc"]))
+
+
+def test_atomic_write_leaves_only_the_file(tmp_path):
+    write_atomic(tmp_path / "a.txt", "one\n")
+    write_atomic(tmp_path / "a.txt", "two\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "two\n"
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    write_atomic(tmp_path / "a.txt", "complete\n")
+    with pytest.raises(TypeError):  # fails inside the write, after the temporary file exists
+        write_atomic(tmp_path / "a.txt", 12345)
+    assert (tmp_path / "a.txt").read_text() == "complete\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("test_acc_history.txt", "0.5\nabc\n", "not one number per line"),
+    ("test_loss_history.txt", "nan\n0.1\n0.1\n", "non-finite"),
+    ("train_acc_history.txt", "0.5\n", "different lengths"),
+])
+def test_malformed_history_is_refused(tmp_path, name, text, message):
+    write_history(tmp_path, history())
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RunFolderError, match=message):
+        read_history(tmp_path)
+
+
+def test_missing_history_file_is_named(tmp_path):
+    write_history(tmp_path, history())
+    (tmp_path / "train_loss_history.txt").unlink()
+    with pytest.raises(RunFolderError, match="train_loss_history.txt: missing"):
+        read_history(tmp_path)
+
+
+def test_run_info_must_be_a_json_object(tmp_path):
+    assert read_run_info(tmp_path) == {}
+    (tmp_path / "run.json").write_text("{broken")
+    with pytest.raises(RunFolderError, match="not valid JSON"):
+        read_run_info(tmp_path)

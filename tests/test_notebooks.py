@@ -1,0 +1,41 @@
+"""Every experiment's notebook, executed headless with tiny parameters, as a user would with papermill."""
+import hashlib
+import json
+
+import pytest
+
+from common.experiments import EXPERIMENTS, TRAINING_DIR
+from common.notebooks import notebook_path
+from conftest import REPO
+
+papermill = pytest.importorskip("papermill")
+
+
+def tree_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def committed_training_tree():
+    before = tree_digest(TRAINING_DIR)
+    yield
+    assert tree_digest(TRAINING_DIR) == before, "a notebook run changed files under training/"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_notebook_runs_headless(name, tmp_path, fake_data, committed_training_tree, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel imports common even without `pip install -e .`
+    path = notebook_path(EXPERIMENTS[name])
+    executed = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(
+        str(path), str(executed), cwd=str(path.parent), kernel_name="python3", progress_bar=False,
+        parameters={"epochs": 1, "batch_size": 64, "subset": None, "data_dir": str(fake_data),
+                    "out_dir": str(tmp_path / "run"), "device": "cpu", "seed": 1})
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["experiment"] == name and info["status"] == "complete"
+    assert len((tmp_path / "run" / "test_acc_history.txt").read_text().splitlines()) == 1
+    outputs = json.loads(executed.read_text())["cells"]
+    text = json.dumps([c.get("outputs", []) for c in outputs])
+    assert "Total params: 4," in text  # the torchinfo summary
+    assert "image/png" in text  # the curves

@@ -1,0 +1,135 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common import training
+from common.config import Config, UserError
+from common.history import HISTORY_FILES, read_history
+from common.training import OPTIMIZERS, evaluate, make_optimizer, make_schedule, resolve_device, train
+
+RUN_JSON_KEYS = {"experiment", "config", "seed", "model", "trainable_parameters", "data", "device",
+                 "torch", "git", "epoch_seconds", "wall_seconds", "status", "budget"}
+
+
+def test_one_epoch_writes_four_one_line_histories_and_run_json(tmp_path, tiny):
+    run = train("res_512_d", out_dir=tmp_path, epochs=1, subset=100, **tiny)
+    for name in HISTORY_FILES.values():
+        lines = (tmp_path / name).read_text().splitlines()
+        assert len(lines) == 1 and math.isfinite(float(lines[0]))
+    for name in ("train_acc_history.txt", "test_acc_history.txt"):
+        assert 0.0 <= float((tmp_path / name).read_text()) <= 1.0
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert RUN_JSON_KEYS <= set(info)
+    assert info["experiment"] == "res_512_d" and info["status"] == "complete"
+    assert info["trainable_parameters"] == 4_961_610
+    assert info["model"] == {"activation": "leakyrelu", "dropout": 0.1, "softmax_output": False}
+    assert info["data"]["train_images"] == 100 and info["data"]["test_images"] == 50
+    assert info["budget"] == "smoke" and len(info["epoch_seconds"]) == 1
+    assert info["config"]["subset"] == 100 and info["device"]["type"] == "cpu"
+    assert run.history == read_history(tmp_path)
+
+
+def test_seeded_cpu_runs_are_identical_and_the_seed_matters(tmp_path, tiny):
+    histories = [train("res_512", out_dir=tmp_path / str(i), epochs=2, seed=seed, **tiny).history
+                 for i, seed in enumerate((7, 7, 8))]
+    assert histories[0] == histories[1]
+    assert histories[0] != histories[2]
+
+
+def test_training_learns_the_fake_classes(tmp_path, tiny):
+    run = train("res_512", out_dir=tmp_path, epochs=4, **{**tiny, "batch_size": 32})
+    assert run.history["train_loss"][-1] < run.history["train_loss"][0]
+
+
+class ConstantClass(nn.Module):
+    """Always predicts class 0, whatever the input."""
+    def forward(self, x):
+        return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([0]), 1.0)
+
+
+def test_accuracy_is_counted_per_image_not_per_batch():
+    labels = torch.tensor([0] * 3 + [1] * 998)  # 1001 images: 3 batches of 500 and one of 1
+    images = torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
+    loss, acc = evaluate(ConstantClass(), images, labels, Config(), torch.autocast("cpu", enabled=False))
+    assert acc == 3 / 1001  # a mean of per-batch means would give (3/500 + 0 + 0) / 3
+    expected = torch.nn.functional.cross_entropy(ConstantClass()(images), labels).item()
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adadelta", torch.optim.Adadelta),
+                                       ("rmsprop", torch.optim.RMSprop),
+                                       ("adagrad", torch.optim.Adagrad), ("adamw", torch.optim.AdamW)])
+def test_each_optimizer_is_what_it_says_at_the_seed_learning_rate(name, cls):
+    optimizer = make_optimizer(nn.Linear(2, 2), Config(optimizer=name))
+    assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 0.1
+    assert set(OPTIMIZERS) == {"sgd", "adam", "adadelta", "rmsprop", "adagrad", "adamw"}
+
+
+def test_seed_sgd_has_no_momentum_and_no_weight_decay():
+    group = make_optimizer(nn.Linear(2, 2), Config()).param_groups[0]
+    assert group["momentum"] == 0 and group["weight_decay"] == 0
+
+
+def test_cosine_schedule_matches_cosine_annealing_over_the_run():
+    ours = make_optimizer(nn.Linear(2, 2), Config())
+    theirs = make_optimizer(nn.Linear(2, 2), Config())
+    schedule = make_schedule(ours, Config(epochs=10))
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=10)
+    for _ in range(10):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], abs=1e-12)
+        ours.step(), theirs.step(), schedule.step(), reference.step()
+
+
+class NaNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.linear(x.mean((2, 3))) * float("nan")
+
+
+def test_non_finite_loss_stops_the_run_without_writing_nan(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(training, "model_from_config", lambda config: NaNModel())
+    with pytest.raises(training.TrainingError, match="training loss became nan in epoch 1, step"):
+        train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    assert all(v == [] for v in read_history(tmp_path).values())
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_smoke_run_does_not_replace_a_full_run(tmp_path, tiny):
+    train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    info = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**info, "budget": "full"}))
+    with pytest.raises(UserError, match="holds a full-budget run"):
+        train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    train("res_512", out_dir=tmp_path, epochs=1, overwrite=True, **tiny)
+
+
+@pytest.mark.parametrize("name, message", [("tpu", "unknown device"), ("cuda:7", "CUDA|visible"),
+                                           ("mps", "not supported")])
+def test_bad_devices(name, message):
+    if name == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(UserError, match=message):
+        resolve_device(name)
+
+
+def test_auto_device_is_cpu_without_a_gpu():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"epochs": -3}, "epochs must be at least 1"),
+    ({"subset": 5}, "subset must be at least 10"),
+    ({"optimizer": "lbfgs2"}, "unknown optimizer"),
+    ({"warp_speed": 9}, "unknown setting warp_speed"),
+])
+def test_bad_settings_are_refused_before_training(tmp_path, tiny, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train("res_512", out_dir=tmp_path, **{**tiny, **overrides})
