@@ -31,8 +31,7 @@ class RunRecord:
 
     @property
     def device(self):
-        name = self.info.get("device", {}).get("name", "unknown device")
-        return "CPU" if name.startswith("CPU") else name.replace("NVIDIA ", "")
+        return self.info.get("device", {}).get("name", "unknown device").replace("NVIDIA ", "")
 
     @property
     def smoke(self):
@@ -137,8 +136,8 @@ def results_markdown(runs, checks):
     if checks:
         parts.append("Checks (reduced budgets: measurements of the code, not results):")
         parts.append(markdown_table(
-            ["check", "experiment", "epochs", "data", "device", "training images/s", "test %"],
-            [[name, run.name, run.epochs, run.variant, run.device,
+            ["check", "experiment", "epochs", "data", "device", "seed", "training images/s", "test %"],
+            [[name, run.name, run.epochs, run.variant, run.device, run.info.get("seed", "?"),
               f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}"]
              for name, run in checks]))
     return "\n\n".join(parts)
@@ -163,17 +162,17 @@ def summary_rows(runs):
         run = runs.get(name)
         published = "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
         if run is None:
-            rows.append([name, "-", "not run", "-", "-", "-", "-", published])
+            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published])
             continue
         acc = run.history["test_acc"]
         rows.append([name, f"{run.info.get('trainable_parameters', 0):,}",
                      run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
-                     f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published])
+                     run.info.get("seed", "?"), f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published])
     return rows
 
 
-SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "best test %",
-                   "final test %", "original study %"]
+SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seed",
+                   "best test %", "final test %", "original study %"]
 
 
 def summary_table(runs, path):

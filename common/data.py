@@ -118,6 +118,10 @@ class Cifar10:
     folder: Path
     variant: str
 
+    def select_train(self, index):
+        return Cifar10(self.train_images[index], self.train_labels[index], self.test_images,
+                       self.test_labels, self.folder, self.variant)
+
     def to(self, device):
         return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels,
                                                 self.test_images, self.test_labels)),

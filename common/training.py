@@ -6,6 +6,7 @@ evaluate on the test set, append to the history and rewrite the history files an
 """
 import datetime
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from .history import HISTORY_FILES, RunFolderError, read_run_info, write_history
 from .models import count_parameters, model_from_config, model_options, multiply_adds
 
 EVAL_BATCH_SIZE = 500
+WEIGHTS_FILE = "model.pt"
 
 OPTIMIZERS = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
@@ -169,12 +171,11 @@ def train(experiment, out_dir=None, overwrite=False, **overrides):
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
 
-    train_images, train_labels = data.train_images, data.train_labels
     if config.subset is not None:
-        keep = cifar.stratified_subset(train_labels, config.subset, config.seed)
-        train_images, train_labels = train_images[keep], train_labels[keep]
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
-    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+        data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
+    data = data.to(device)
+    train_images, train_labels = data.train_images, data.train_labels
+    test_images, test_labels = data.test_images, data.test_labels
     generator = torch.Generator(device=device).manual_seed(config.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -235,6 +236,7 @@ def train(experiment, out_dir=None, overwrite=False, **overrides):
         progress.close()
         info["finished"] = now()
         write_run_info(folder, info)
+    save_weights(model, folder / WEIGHTS_FILE)
     run = Run(config, folder, history, info)
     print(run.summary())
     return run
@@ -274,6 +276,14 @@ def train_one_epoch(model, optimizer, images, labels, config, generator, autocas
             progress.set_postfix_str(f"epoch {epoch + 1} loss {mean_loss:.4f} "
                                      f"acc {100 * correct.item() / seen:.2f}%", refresh=False)
     return loss_sum.item() / n, correct.item() / n
+
+
+def save_weights(model, path):
+    """The final weights (a state_dict; load with torch.load(path, weights_only=True)), written
+    atomically. They stay out of git: history files and run.json are what the repository keeps."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
 
 
 def refuse_to_replace_full_run(folder, full_budget, overwrite):

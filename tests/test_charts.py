@@ -33,11 +33,11 @@ def test_charts_from_the_runs_that_exist(tmp_path, capsys):
     assert out.count("skipped") == 1 and "res_512" in out and "missing" in out
 
     rows = {row[0]: row for row in summary_rows(collect_runs(training))}
-    assert rows["res_512_d"][5:7] == ["80.00", "75.00"]  # best and final, from the history file
+    assert rows["res_512_d"][6:8] == ["80.00", "75.00"]  # best and final, from the history file
     assert rows["res_512_d"][2] == "3/200 ep" and rows["res_512_d"][4] == "H100 80GB HBM3"
     assert rows["changing_optimisers/adam"][2].endswith("smoke")
-    assert rows["res_512"][2] == "not run" and rows["og_resnet"][5] == "-"
-    assert rows["og_resnet"][7] == "85.13/84.96"  # the original study's figures beside ours
+    assert rows["res_512"][2] == "not run" and rows["og_resnet"][6] == "-"
+    assert rows["og_resnet"][8] == "85.13/84.96"  # the original study's figures beside ours
     assert len(rows) == len(EXPERIMENTS)
 
 
@@ -64,6 +64,6 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
     (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d",
                                                 "train_images_per_second": [480.4]}))
     text = results_markdown(collect_runs(tmp_path / "training"), collect_checks(tmp_path / "checks"))
-    assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 90.00 | 90.00 |" in text
+    assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 |" in text
     assert "res_block" not in text  # a smoke run is no result
-    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 480 | 41.00 |" in text
+    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 |" in text

@@ -32,6 +32,18 @@ def test_one_epoch_writes_four_one_line_histories_and_run_json(tmp_path, tiny):
     assert run.history == read_history(tmp_path)
 
 
+def test_final_weights_reload_to_the_same_test_accuracy(tmp_path, tiny, fake_data):
+    from common.data import load_cifar10
+    from common.models import model_from_config
+    run = train("res_block", out_dir=tmp_path, epochs=1, **tiny)
+    model = model_from_config(run.config)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    data = load_cifar10(fake_data, allow_download=False)
+    loss, acc = evaluate(model, data.test_images, data.test_labels, run.config,
+                         torch.autocast("cpu", enabled=False))
+    assert (loss, acc) == (run.history["test_loss"][-1], run.history["test_acc"][-1])
+
+
 def test_seeded_cpu_runs_are_identical_and_the_seed_matters(tmp_path, tiny):
     histories = [train("res_512", out_dir=tmp_path / str(i), epochs=2, seed=seed, **tiny).history
                  for i, seed in enumerate((7, 7, 8))]
