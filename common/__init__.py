@@ -9,7 +9,9 @@ from .config import Config, UserError
 from .experiments import EXPERIMENTS, get_experiment
 from .models import ARCHITECTURES, build_model, count_parameters
 from .models import summary as model_summary
+from .predict import predict, show_predictions
 from .training import Run, train
 
 __all__ = ["ARCHITECTURES", "EXPERIMENTS", "Config", "Run", "UserError", "build_model",
-           "count_parameters", "get_experiment", "make_charts", "model_summary", "plot_run", "train"]
+           "count_parameters", "get_experiment", "make_charts", "model_summary", "plot_run",
+           "predict", "show_predictions", "train"]

@@ -1,4 +1,4 @@
-"""python -m common {list,train,charts,notebooks}: the same runs as the notebooks, without Jupyter.
+"""python -m common {list,train,predict,charts,notebooks}: the same runs as the notebooks, without Jupyter.
 
 Bad input ends with one line on stderr and a non-zero status, never a traceback.
 """
@@ -35,6 +35,14 @@ def cmd_train(args):
     if args.no_download:
         overrides["download"] = False
     train(args.experiment, out_dir=args.out, overwrite=args.overwrite, **overrides)
+
+
+def cmd_predict(args):
+    from .predict import predict
+    result = predict(args.run_dirs, args.images, out=args.out, probs=args.probs, tta=args.tta,
+                     device=args.device)
+    print(result.summary())
+    print(f"wrote {args.out}" + (f" and {args.probs}" if args.probs else ""))
 
 
 def cmd_charts(args):
@@ -75,6 +83,15 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="let a smoke run replace a full-budget run's files")
 
+    p = commands.add_parser("predict", help="classify an image set with trained runs, into a CSV")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (several: an ensemble)")
+    p.add_argument("--images", required=True,
+                   help="a CIFAR-style pickle (b'data', optional b'ids'), a batch file, or an image folder")
+    p.add_argument("--out", required=True, help="CSV of ID,Labels rows")
+    p.add_argument("--probs", help="also write a CSV of class probabilities")
+    p.add_argument("--tta", action="store_true", help="average over flipped and shifted views")
+    p.add_argument("--device", default="auto")
+
     p = commands.add_parser("charts", help="redraw the charts from the history files that exist")
     p.add_argument("--training-dir", default=TRAINING_DIR)
     p.add_argument("--top-dir", default=REPO_ROOT, help="where model_acc/loss/summary.png go")
@@ -86,7 +103,8 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "charts": cmd_charts, "notebooks": cmd_notebooks}
+COMMANDS = {"list": cmd_list, "train": cmd_train, "predict": cmd_predict, "charts": cmd_charts,
+            "notebooks": cmd_notebooks}
 
 
 def main(argv=None):

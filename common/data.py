@@ -61,37 +61,57 @@ class _CifarUnpickler(pickle.Unpickler):
         return self.ALLOWED[(module, name)]
 
 
-def read_batch(path):
-    """One batch file -> (images uint8 (N, 3, 32, 32), labels int64 (N,), filenames list[str])."""
+def unpickle(path, what="a CIFAR-10 batch"):
+    """A pickle file read with the allow-listed unpickler; every failure is one UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: missing")
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
+            return _CifarUnpickler(f, encoding="bytes").load()
     except RefusedPickle as e:
-        raise UserError(f"{path}: not a CIFAR-10 batch: {e}; nothing in it was run") from None
+        raise UserError(f"{path}: not {what}: {e}; nothing in it was run") from None
     except Exception as e:  # truncated or garbled files raise EOFError, ValueError, KeyError, ...
         raise UserError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise UserError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
-    data, labels = batch[b"data"], batch[b"labels"]
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3072):
-        shape = getattr(data, "shape", None)
-        raise UserError(f"{path}: b'data' must be a uint8 array of N x 3072, got {shape} "
-                        f"{getattr(data, 'dtype', type(data).__name__)}")
+
+
+def images_from_array(path, data):
+    """uint8 images as (N, 3, 32, 32) from the layouts CIFAR-10 files come in: rows of 3072
+    (the official R, G, B planes), N x 32 x 32 x 3 (height, width, channel) or N x 3 x 32 x 32."""
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8:
+        if data.ndim == 2 and data.shape[1] == 3072:
+            return data.reshape(-1, 3, 32, 32)
+        if data.ndim == 4 and data.shape[1:] == (32, 32, 3):
+            return np.ascontiguousarray(data.transpose(0, 3, 1, 2))
+        if data.ndim == 4 and data.shape[1:] == (3, 32, 32):
+            return data
+    raise UserError(f"{path}: b'data' must be uint8 images as N x 3072 (R, G, B planes), "
+                    f"N x 32 x 32 x 3 or N x 3 x 32 x 32; got {getattr(data, 'shape', None)} "
+                    f"{getattr(data, 'dtype', type(data).__name__)}")
+
+
+def checked_labels(path, labels, count):
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
         raise UserError(f"{path}: b'labels' must be a list of integers") from None
-    if labels.shape != (len(data),):
-        raise UserError(f"{path}: {len(data)} images but labels of shape {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+    if labels.shape != (count,):
+        raise UserError(f"{path}: {count} images but labels of shape {labels.shape}")
+    if count and (labels.min() < 0 or labels.max() > 9):
         raise UserError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}")
+    return labels
+
+
+def read_batch(path):
+    """One batch file -> (images uint8 (N, 3, 32, 32), labels int64 (N,), filenames list[str])."""
+    batch = unpickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise UserError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+    images = images_from_array(path, batch[b"data"])
+    labels = checked_labels(path, batch[b"labels"], len(images))
     filenames = [f.decode(errors="replace") if isinstance(f, bytes) else str(f)
                  for f in batch.get(b"filenames", [])]
-    return data.reshape(-1, 3, 32, 32), labels, filenames
+    return images, labels, filenames
 
 
 FULL_VARIANTS = ("official", "exact-offline", "jpeg75")  # all 60,000 images: a run on them is a result
@@ -208,3 +228,13 @@ def augment(images, generator, crop_padding, flip, rotation_degrees):
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images.float() / 255, grid, mode="nearest", padding_mode="zeros",
                          align_corners=False)
+
+
+def tta_views(x):
+    """Test-time views of a batch: the images and their mirrors, each also shifted one pixel
+    towards the top left and towards the bottom right (zero fill)."""
+    def shift(images, dy, dx):
+        padded = F.pad(images, (1, 1, 1, 1))
+        return padded[..., 1 + dy:33 + dy, 1 + dx:33 + dx]
+    mirrored = x.flip(-1)
+    return [x, mirrored, *(shift(v, d, d) for v in (x, mirrored) for d in (-1, 1))]

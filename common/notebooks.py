@@ -1,11 +1,12 @@
-"""The experiments' notebooks, written from the registry so all fourteen stay thin and alike.
+"""The notebooks, written from the registry so all of them stay thin and alike.
 
-`python -m common notebooks` rewrites training/<experiment>/<leaf>.ipynb; `--check` only reports
-the notebooks that differ from what the registry says (the tests run it).
+`python -m common notebooks` rewrites training/<experiment>/<leaf>.ipynb for every experiment and
+training/predict/predict.ipynb; `--check` only reports the notebooks that differ from what this
+module writes (the tests run it).
 """
 import json
 
-from .experiments import EXPERIMENTS
+from .experiments import EXPERIMENTS, TRAINING_DIR
 
 PARAMETERS = '''\
 epochs = None  # None: the experiment's own ({epochs})
@@ -29,6 +30,33 @@ common.model_summary(run.config)'''
 PLOT = '''\
 common.plot_run(run.folder);'''
 
+PREDICT_INTRO = """# predict
+
+Classify an image set with trained runs and write a submission CSV (`ID,Labels`, one row per id,
+in the input's order). `images` may be a CIFAR-style pickle (`b'data'` as rows of 3072 in R/G/B
+planes or as N x 32 x 32 x 3, optional `b'ids'`), a `cifar-10-batches-py` batch file (then the
+accuracy is printed too) or a folder of PNG/JPEG images. Several run folders average their softmax
+outputs (a seed ensemble); `tta` averages flipped and shifted views.
+
+The same without Jupyter: `python -m common predict ../res_512_d --images IMAGES --out predictions.csv`."""
+
+PREDICT_PARAMETERS = '''\
+run_dirs = ["../res_512_d"]  # run folders holding run.json and model.pt
+images = "../../data/cifar-10-batches-py/test_batch"
+out = "predictions.csv"
+probs = None  # a second CSV of class probabilities
+tta = False
+device = "auto"'''
+
+PREDICT = '''\
+import common
+
+result = common.predict(run_dirs, images, out=out, probs=probs, tta=tta, device=device)
+print(result.summary())'''
+
+PREDICT_GRID = '''\
+common.show_predictions(result, count=16);'''
+
 
 def intro(exp):
     published = ""
@@ -45,9 +73,8 @@ def intro(exp):
             f"`papermill {exp.leaf}.ipynb /tmp/{exp.leaf}-out.ipynb -p epochs 1 -p subset 1000`.")
 
 
-def cell(kind, source, index, name, tags=()):
-    c = {"cell_type": kind, "id": f"{name.replace('/', '-')}-{index}", "metadata": {},
-         "source": source.splitlines(keepends=True)}
+def cell(kind, source, cell_id, tags=()):
+    c = {"cell_type": kind, "id": cell_id, "metadata": {}, "source": source.splitlines(keepends=True)}
     if tags:
         c["metadata"]["tags"] = list(tags)
     if kind == "code":
@@ -55,16 +82,13 @@ def cell(kind, source, index, name, tags=()):
     return c
 
 
-def notebook(exp):
-    sources = [
-        ("markdown", intro(exp), ()),
-        ("code", PARAMETERS.format(epochs=exp.config.epochs), ("parameters",)),
-        ("code", TRAIN.format(name=exp.name), ()),
-        ("code", SUMMARY, ()),
-        ("code", PLOT, ()),
-    ]
+def notebook(name, intro_text, parameters, *code):
+    """A markdown introduction, a `parameters` cell (papermill overrides it) and code cells."""
+    slug = name.replace("/", "-")
+    cells = [cell("markdown", intro_text, f"{slug}-0"), cell("code", parameters, f"{slug}-1", ("parameters",))]
+    cells += [cell("code", source, f"{slug}-{i}") for i, source in enumerate(code, start=2)]
     return {
-        "cells": [cell(kind, source, i, exp.name, tags) for i, (kind, source, tags) in enumerate(sources)],
+        "cells": cells,
         "metadata": {
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
             "language_info": {"name": "python"},
@@ -78,15 +102,22 @@ def notebook_path(exp):
     return exp.folder / f"{exp.leaf}.ipynb"
 
 
-def notebook_text(exp):
-    return json.dumps(notebook(exp), indent=1) + "\n"
+PREDICT_NOTEBOOK = TRAINING_DIR / "predict" / "predict.ipynb"
+
+
+def all_notebooks():
+    """(path, notebook) for every notebook this module writes."""
+    for exp in EXPERIMENTS.values():
+        yield notebook_path(exp), notebook(exp.name, intro(exp), PARAMETERS.format(epochs=exp.config.epochs),
+                                           TRAIN.format(name=exp.name), SUMMARY, PLOT)
+    yield PREDICT_NOTEBOOK, notebook("predict", PREDICT_INTRO, PREDICT_PARAMETERS, PREDICT, PREDICT_GRID)
 
 
 def write_notebooks(check=False):
-    """Write (or with check=True, only list) the notebooks that differ from the registry's."""
+    """Write (or with check=True, only list) the notebooks that differ from what this module writes."""
     stale = []
-    for exp in EXPERIMENTS.values():
-        path, text = notebook_path(exp), notebook_text(exp)
+    for path, content in all_notebooks():
+        text = json.dumps(content, indent=1) + "\n"
         if path.is_file() and path.read_text() == text:
             continue
         stale.append(path)

@@ -122,19 +122,24 @@ class Run:
                 f"{self.info['wall_seconds']:.0f} s -> {self.folder}")
 
 
-def evaluate(model, images, labels, config, autocast):
-    """Mean loss and accuracy per image over the whole set (no augmentation)."""
+def batched_logits(model, images, config, autocast, tta=False):
+    """Float logits (N, 10) for uint8 images, in eval mode, EVAL_BATCH_SIZE at a time; with `tta`,
+    the mean over the views of data.tta_views."""
     model.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device, dtype=torch.long)
+    outputs = []
     with torch.no_grad(), autocast:
         for start in range(0, len(images), EVAL_BATCH_SIZE):
-            x = prepare(cifar.normalize(images[start:start + EVAL_BATCH_SIZE], config.mean, config.std))
-            y = labels[start:start + EVAL_BATCH_SIZE]
-            output = model(x).float()
-            loss_sum += F.cross_entropy(output, y, reduction="sum")
-            correct += (output.argmax(1) == y).sum()
-    return loss_sum.item() / len(images), correct.item() / len(images)
+            x = cifar.normalize(images[start:start + EVAL_BATCH_SIZE], config.mean, config.std)
+            views = cifar.tta_views(x) if tta else [x]
+            outputs.append(torch.stack([model(prepare(v)).float() for v in views]).mean(0))
+    return torch.cat(outputs)
+
+
+def evaluate(model, images, labels, config, autocast):
+    """Mean loss and accuracy per image over the whole set (no augmentation)."""
+    output = batched_logits(model, images, config, autocast)
+    loss = F.cross_entropy(output, labels, reduction="sum").item() / len(images)
+    return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
 
 def prepare(x):

@@ -68,8 +68,9 @@ def test_truncated_file_is_refused_naming_it(tmp_path, fake_data):
 
 
 @pytest.mark.parametrize("data, labels, message", [
-    (np.zeros((2, 3000), np.uint8), [0, 1], "uint8 array of N x 3072"),
-    (np.zeros((2, 3072), np.float32), [0, 1], "uint8 array of N x 3072"),
+    (np.zeros((2, 3000), np.uint8), [0, 1], "must be uint8 images as N x 3072"),
+    (np.zeros((2, 3072), np.float32), [0, 1], "must be uint8 images as N x 3072"),
+    (np.zeros((2, 32, 3, 32), np.uint8), [0, 1], r"got \(2, 32, 3, 32\)"),
     (np.zeros((2, 3072), np.uint8), [0], "2 images but labels"),
     (np.zeros((2, 3072), np.uint8), [0, 10], "labels must be 0..9"),
     (np.zeros((2, 3072), np.uint8), ["a", "b"], "list of integers"),

@@ -39,3 +39,20 @@ def test_notebook_runs_headless(name, tmp_path, fake_data, committed_training_tr
     text = json.dumps([c.get("outputs", []) for c in outputs])
     assert "Total params: 4," in text  # the torchinfo summary
     assert "image/png" in text  # the curves
+
+
+def test_predict_notebook_runs_headless(tmp_path, fake_data, committed_training_tree, monkeypatch):
+    from common.notebooks import PREDICT_NOTEBOOK
+    from common.training import train
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    run = train("res_512", out_dir=tmp_path / "run", epochs=1, data_dir=str(fake_data),
+                download=False, device="cpu", batch_size=64)
+    executed = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(
+        str(PREDICT_NOTEBOOK), str(executed), cwd=str(PREDICT_NOTEBOOK.parent), kernel_name="python3",
+        progress_bar=False,
+        parameters={"run_dirs": [str(run.folder)], "out": str(tmp_path / "p.csv"), "device": "cpu",
+                    "images": str(fake_data / "cifar-10-batches-py" / "test_batch")})
+    assert (tmp_path / "p.csv").read_text().startswith("ID,Labels\n0,")
+    text = json.dumps([c.get("outputs", []) for c in json.loads(executed.read_text())["cells"]])
+    assert "accuracy" in text and "image/png" in text

@@ -1,0 +1,161 @@
+import csv
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import UserError
+from common.data import load_cifar10
+from common.predict import load_trained_model, predict, read_pickled_images
+from common.training import train
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fake_data):
+    """A tiny res_block run (trained with a softmax output, so predict must undo it)."""
+    folder = tmp_path_factory.mktemp("run")
+    run = train("res_block", out_dir=folder, epochs=1, data_dir=str(fake_data), download=False,
+                device="cpu", batch_size=64)
+    return run
+
+
+@pytest.fixture(scope="module")
+def test_images(fake_data):
+    data = load_cifar10(fake_data, allow_download=False)
+    return data.test_images.numpy(), data.test_labels.numpy()
+
+
+def write_pickle(path, content, protocol=4):
+    with open(path, "wb") as f:
+        pickle.dump(content, f, protocol=protocol)
+    return path
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def test_labelled_batch_gives_the_runs_own_test_accuracy(trained, fake_data, tmp_path):
+    result = predict([trained.folder], fake_data / "cifar-10-batches-py" / "test_batch",
+                     out=tmp_path / "p.csv", device="cpu")
+    assert result.accuracy == trained.history["test_acc"][-1]
+    rows = read_csv(tmp_path / "p.csv")
+    assert rows[0] == ["ID", "Labels"] and [r[0] for r in rows[1:]] == [str(i) for i in range(50)]
+
+
+def test_planar_rows_and_height_width_channel_arrays_give_identical_predictions(trained, test_images, tmp_path):
+    images, _ = test_images
+    planar = write_pickle(tmp_path / "planar.pkl", {b"data": images.reshape(len(images), 3072)})
+    hwc = write_pickle(tmp_path / "hwc.pkl", {b"data": images.transpose(0, 2, 3, 1).copy()})
+    a = predict([trained.folder], planar, device="cpu").probabilities
+    b = predict([trained.folder], hwc, device="cpu").probabilities
+    assert torch.equal(a, b)
+
+
+def test_known_orientation_image_is_read_the_right_way_round(tmp_path):
+    hwc = np.zeros((1, 32, 32, 3), np.uint8)
+    hwc[0, :16, :, 0] = 255  # red top half
+    hwc[0, :, :16, 1] = 200  # green left half
+    planar = hwc.transpose(0, 3, 1, 2).reshape(1, 3072)  # the official R, G, B planes
+    for data in (hwc, planar):
+        image = read_pickled_images(write_pickle(tmp_path / "x.pkl", {b"data": data})).images[0]
+        assert image[0, :16].min() == 255 and image[0, 16:].max() == 0
+        assert image[1, :, :16].min() == 200 and image[1, :, 16:].max() == 0
+        assert image[2].max() == 0
+
+
+def test_ids_keep_their_order(trained, test_images, tmp_path):
+    images, _ = test_images
+    ids = [int(i) for i in np.random.default_rng(0).permutation(10_000)[:len(images)]]
+    path = write_pickle(tmp_path / "x.pkl", {b"data": images.reshape(-1, 3072), b"ids": np.array(ids)})
+    predict([trained.folder], path, out=tmp_path / "p.csv", device="cpu")
+    assert [int(r[0]) for r in read_csv(tmp_path / "p.csv")[1:]] == ids
+
+
+def test_ensemble_of_one_is_that_run_and_probabilities_are_written(trained, test_images, tmp_path):
+    images, _ = test_images
+    path = write_pickle(tmp_path / "x.pkl", {b"data": images.reshape(-1, 3072)})
+    one = predict([trained.folder], path, probs=tmp_path / "probs.csv", device="cpu")
+    two = predict([trained.folder, trained.folder], path, device="cpu")
+    model, config = load_trained_model(trained.folder, torch.device("cpu"))
+    from common.data import normalize
+    with torch.no_grad():
+        direct = model.eval()(normalize(torch.from_numpy(images), config.mean, config.std)).argmax(1)
+    assert torch.equal(one.labels, direct) and torch.allclose(one.probabilities, two.probabilities)
+    rows = read_csv(tmp_path / "probs.csv")
+    assert rows[0][:3] == ["ID", "airplane", "automobile"] and len(rows[1]) == 11
+    assert abs(sum(float(v) for v in rows[1][1:]) - 1) < 1e-4
+
+
+def test_tta_averages_views(trained, fake_data):
+    batch = fake_data / "cifar-10-batches-py" / "test_batch"
+    plain = predict([trained.folder], batch, device="cpu")
+    tta = predict([trained.folder], batch, tta=True, device="cpu")
+    assert tta.probabilities.shape == plain.probabilities.shape
+    assert not torch.equal(tta.probabilities, plain.probabilities)
+
+
+def test_image_folder_matches_the_pickle(trained, test_images, tmp_path, capsys):
+    from PIL import Image
+    images, _ = test_images
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(images[:12]):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i}.png")
+    Image.fromarray(images[0].transpose(1, 2, 0)).resize((64, 64)).save(folder / "12.png")
+    from_folder = predict([trained.folder], folder, device="cpu")
+    from_pickle = predict([trained.folder], write_pickle(tmp_path / "x.pkl", {b"data": images[:12]
+                                                                             .reshape(-1, 3072)}), device="cpu")
+    assert from_folder.ids == list(range(13))
+    assert torch.equal(from_folder.images[:12], from_pickle.images)
+    assert torch.equal(from_folder.labels[:12], from_pickle.labels)
+    assert "1 of 13 images were not 32x32" in capsys.readouterr().out
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ("echo pwned > /dev/null",)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({b"data": np.zeros((3, 32, 3, 32), np.uint8)}, "must be uint8 images"),
+    ({b"data": np.zeros((3, 3072), np.float64)}, "must be uint8 images"),
+    ({b"ids": [1, 2]}, "expected a dict with b'data'"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"ids": [1, 2]}, "3 images but 2 ids"),
+    ({b"data": Payload()}, "refused to load posix.system|refused to load os.system"),
+])
+def test_malformed_pickles_are_refused_in_one_line(trained, tmp_path, content, message):
+    path = write_pickle(tmp_path / "bad.pkl", content)
+    with pytest.raises(UserError, match=message) as caught:
+        predict([trained.folder], path, device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+def test_tampered_weights_are_refused(trained, tmp_path, fake_data):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained.folder, run)
+    (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="model.pt: not loadable weights of res_block"):
+        predict([run], fake_data / "cifar-10-batches-py" / "test_batch", device="cpu")
+    torch.save({"x": Payload()}, run / "model.pt")
+    with pytest.raises(UserError, match="model.pt: not loadable weights"):
+        predict([run], fake_data / "cifar-10-batches-py" / "test_batch", device="cpu")
+    (run / "model.pt").unlink()
+    with pytest.raises(UserError, match="no model.pt"):
+        predict([run], fake_data / "cifar-10-batches-py" / "test_batch", device="cpu")
+
+
+def test_predict_command(trained, fake_data, tmp_path):
+    from test_cli import cli
+    result = cli("predict", trained.folder, "--images", fake_data / "cifar-10-batches-py" / "test_batch",
+                 "--out", tmp_path / "p.csv", "--device", "cpu", "--tta")
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "airplane" in result.stdout
+    assert len(read_csv(tmp_path / "p.csv")) == 51
+    bad = cli("predict", tmp_path, "--images", tmp_path / "nothing.pkl", "--out", tmp_path / "q.csv")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
