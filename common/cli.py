@@ -34,7 +34,7 @@ def cmd_train(args):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_download:
         overrides["download"] = False
-    train(args.experiment, out_dir=args.out, overwrite=args.overwrite, **overrides)
+    train(args.experiment, out_dir=args.out, overwrite=args.overwrite, resume=args.resume, **overrides)
 
 
 def cmd_predict(args):
@@ -82,6 +82,8 @@ def build_parser():
                    help="any other Config field, e.g. --set lr=0.05 --set optimizer=adam")
     p.add_argument("--overwrite", action="store_true",
                    help="let a smoke run replace a full-budget run's files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (or the experiment's folder) from its checkpoint")
 
     p = commands.add_parser("predict", help="classify an image set with trained runs, into a CSV")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (several: an ensemble)")
@@ -113,7 +115,7 @@ def main(argv=None):
         COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

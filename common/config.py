@@ -16,6 +16,13 @@ class UserError(Exception):
     """A problem with the user's input: reported in one line, without a traceback."""
 
 
+def one_line(exc):
+    """The telling line of an exception's message (torch.load's refusals span many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if "error:" in line.lower()]
+    return (telling or lines or [type(exc).__name__])[0]
+
+
 @dataclass(frozen=True)
 class Config:
     # model

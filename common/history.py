@@ -1,4 +1,5 @@
-"""A run folder on disk: the original study's four history files, plus run.json.
+"""A run folder on disk: the original study's four history files, run.json, the final weights
+(model.pt), the checkpoint a run resumes from (checkpoint.pt), and the lock of the run writing it.
 
 History files hold one float per line (accuracy as a fraction), one line per finished epoch, as the
 original wrote them. Every file is replaced atomically (temporary file, fsync, rename), so a run
@@ -8,7 +9,12 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from .config import UserError, one_line
 
 HISTORY_FILES = {
     "train_loss": "train_loss_history.txt",
@@ -17,21 +23,82 @@ HISTORY_FILES = {
     "test_acc": "test_acc_history.txt",
 }
 RUN_FILE = "run.json"
+WEIGHTS_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = "run.lock"
 
 
-def write_atomic(path, text):
+def replace_atomically(path, write):
+    """Call write(binary file) on a temporary file beside `path`, fsync it, then rename it over
+    `path`; on any failure the temporary file goes and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_atomic(path, text):
+    replace_atomically(path, lambda f: f.write(text.encode()))
+
+
+def save_tensors(path, obj):
+    """torch.save, atomically; what it writes loads with torch.load(..., weights_only=True)."""
+    replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(folder):
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {CHECKPOINT_FILE} to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, tampered or foreign files fail in many ways; all mean the same
+        raise UserError(f"{path}: refused, truncated or not a checkpoint of this project "
+                        f"({one_line(e)})") from None
+
+
+@contextmanager
+def run_lock(folder):
+    """Hold `folder` for one run: a second run pointed at it is refused while the first lives.
+    The lock file names the holder's pid, so a lock left by a killed run is recognised and taken."""
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None:
+                raise UserError(f"{folder} is in use by another run (pid {holder}, see {path}); "
+                                f"wait for it, or pass another --out") from None
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def lock_holder(path):
+    """The pid in a lock file if that process is alive, else None (a stale lock)."""
+    try:
+        pid = int(Path(path).read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:  # alive, but another user's
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def write_history(folder, history):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from . import data as cifar
-from .config import Config, UserError
-from .history import RunFolderError, read_run_info, write_atomic
+from .config import Config, UserError, one_line
+from .history import WEIGHTS_FILE, RunFolderError, read_run_info, write_atomic
 from .models import build_model, model_options
-from .training import WEIGHTS_FILE, batched_logits, resolve_device
+from .training import batched_logits, resolve_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -131,8 +131,8 @@ def load_trained_model(run_dir, device):
     try:
         model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     except Exception as e:  # truncated, tampered or foreign files fail in many ways; all mean the same
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{weights}: not loadable weights of {config.architecture} ({reason})") from None
+        raise UserError(f"{weights}: not loadable weights of {config.architecture} "
+                        f"({one_line(e)})") from None
     return model.to(device), config
 
 

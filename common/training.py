@@ -6,14 +6,17 @@ evaluate on the test set, append to the history and rewrite the history files an
 """
 import datetime
 import math
-import os
 import platform
+import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -21,11 +24,11 @@ from tqdm import tqdm
 from . import data as cifar
 from .config import Config, UserError
 from .experiments import REPO_ROOT, get_experiment
-from .history import HISTORY_FILES, RunFolderError, read_run_info, write_history, write_run_info
+from .history import (CHECKPOINT_FILE, HISTORY_FILES, WEIGHTS_FILE, RunFolderError, load_checkpoint,
+                      read_run_info, run_lock, save_tensors, write_history, write_run_info)
 from .models import count_parameters, model_from_config, model_options, multiply_adds
 
 EVAL_BATCH_SIZE = 500
-WEIGHTS_FILE = "model.pt"
 
 OPTIMIZERS = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
@@ -147,52 +150,132 @@ def prepare(x):
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
-def train(experiment, out_dir=None, overwrite=False, **overrides):
+def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     """Train a registered experiment; `overrides` are Config fields (epochs=1, subset=500, ...).
-    Writes the history files and run.json into `out_dir` (default: the experiment's folder)
-    after every epoch and returns the Run."""
+    Writes the history files, run.json and checkpoint.pt into `out_dir` (default: the
+    experiment's folder) after every epoch, model.pt at the end, and returns the Run. `resume`
+    continues from the folder's checkpoint exactly where it stopped."""
     exp = get_experiment(experiment)
     config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
-    data = cifar.load_cifar10(config.data_dir, allow_download=config.download)
-    full_budget = (config.subset is None and config.epochs >= exp.config.epochs
-                   and data.variant in cifar.FULL_VARIANTS)
-    refuse_to_replace_full_run(folder, full_budget, overwrite)
+    with run_lock(folder):
+        checkpoint = load_checkpoint(folder) if resume else None
+        if checkpoint is not None:
+            refuse_other_config(checkpoint["config"], config)
+        data = cifar.load_cifar10(config.data_dir, allow_download=config.download)
+        full_budget = (config.subset is None and config.epochs >= exp.config.epochs
+                       and data.variant in cifar.FULL_VARIANTS)
+        if checkpoint is None:
+            refuse_to_replace_full_run(folder, full_budget, overwrite)
+        if config.subset is not None:
+            data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
+        data = data.to(device)
 
-    torch.manual_seed(config.seed)
-    model = model_from_config(config).to(device)
-    info = {
+        torch.manual_seed(config.seed)
+        model = model_from_config(config).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        optimizer = make_optimizer(model, config)
+        schedule = make_schedule(optimizer, config)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        if checkpoint is None:
+            history = {key: [] for key in HISTORY_FILES}
+            info = describe_run(exp, config, model, data, device, full_budget)
+            position = epoch_start_position(0)
+        else:
+            history, info, position = restore(checkpoint, model, optimizer, schedule, generator, device)
+            info.update(status="running", git=git_commit())
+            info["resumed"].append(now())
+        write_history(folder, history)
+        write_run_info(folder, info)
+        return run_epochs(exp, config, folder, model, optimizer, schedule, generator, data, history,
+                          info, position)
+
+
+def run_epochs(exp, config, folder, model, optimizer, schedule, generator, data, history, info, position):
+    """Train from `position` to the last epoch; after each, evaluate, then save the checkpoint,
+    history and run.json. SIGINT/SIGTERM end the current step, save a checkpoint, and stop."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=data.train_images.is_cuda)
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    progress = tqdm(total=config.epochs * steps_per_epoch,
+                    initial=position["epoch"] * steps_per_epoch + position["step"], desc=exp.name,
+                    unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    session_start = time.perf_counter() - info["wall_seconds"]
+    try:
+        with StopSignals() as stop:
+            while position["epoch"] < config.epochs:
+                epoch_start = time.perf_counter() - position["seconds"]
+                finished = train_one_epoch(model, optimizer, data, config, generator, autocast,
+                                           progress, position, stop)
+                position["seconds"] = time.perf_counter() - epoch_start
+                if not finished:
+                    info["status"] = "interrupted"
+                    save_checkpoint(folder, config, model, optimizer, schedule, generator, history,
+                                    info, position)
+                    raise RunInterrupted(stop.signal, f"stopped by {stop.signal.name} at epoch "
+                                         f"{position['epoch'] + 1}, step {position['step']}; checkpoint "
+                                         f"saved; resume with: python -m common train {exp.name} "
+                                         f"--out {folder} --resume")
+                train_seconds = position["seconds"]
+                train_loss = position["loss_sum"].item() / position["seen"]
+                train_acc = position["correct"].item() / position["seen"]
+                test_loss, test_acc = evaluate(model, data.test_images, data.test_labels, config, autocast)
+                if not math.isfinite(test_loss):
+                    raise TrainingError(f"test loss became {test_loss} in epoch {position['epoch'] + 1}; "
+                                        f"{folder} keeps the {position['epoch']} epoch(s) before")
+                schedule.step()
+                for key, value in zip(HISTORY_FILES, (train_loss, train_acc, test_loss, test_acc)):
+                    history[key].append(value)
+                info["epochs_done"] = len(history["test_acc"])
+                info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
+                info["train_images_per_second"].append(round(len(data.train_labels) / train_seconds, 1))
+                info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
+                position.update(epoch_start_position(position["epoch"] + 1))
+                save_checkpoint(folder, config, model, optimizer, schedule, generator, history, info,
+                                position)
+                write_history(folder, history)
+                write_run_info(folder, info)
+                progress.set_postfix_str(f"test acc {100 * test_acc:.2f}%", refresh=False)
+                progress.write(f"{exp.name} epoch {info['epochs_done']}/{config.epochs}: train loss "
+                               f"{train_loss:.4f} acc {100 * train_acc:.2f}% | test loss {test_loss:.4f} "
+                               f"acc {100 * test_acc:.2f}% | {info['epoch_seconds'][-1]:.1f} s")
+    except BaseException as e:
+        if info["status"] == "running":
+            info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        raise
+    else:
+        info["status"] = "complete"
+        save_tensors(folder / WEIGHTS_FILE, model.state_dict())
+    finally:
+        progress.close()
+        info["finished"] = now()
+        info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
+        write_run_info(folder, info)
+    run = Run(config, folder, history, info)
+    print(run.summary())
+    return run
+
+
+def describe_run(exp, config, model, data, device, full_budget):
+    """run.json at the start of a run: what runs, on what, from which code."""
+    return {
         "experiment": exp.name,
         "config": config.to_dict(),
         "seed": config.seed,
         "model": model_options(config),
         "trainable_parameters": count_parameters(model),
         "multiply_adds_per_image": multiply_adds(model),
-    }
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config)
-
-    if config.subset is not None:
-        data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
-    data = data.to(device)
-    train_images, train_labels = data.train_images, data.train_labels
-    test_images, test_labels = data.test_images, data.test_labels
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    info.update({
         "budget": "full" if full_budget else "smoke",
         "data": {"folder": str(data.folder), "variant": data.variant,
-                 "train_images": len(train_labels), "test_images": len(test_labels)},
+                 "train_images": len(data.train_labels), "test_images": len(data.test_labels)},
         "device": {"type": device.type, "name": device_name(device)},
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "git": git_commit(),
         "started": now(),
+        "resumed": [],
         "finished": None,
         "status": "running",
         "planned_epochs": config.epochs,
@@ -200,64 +283,35 @@ def train(experiment, out_dir=None, overwrite=False, **overrides):
         "epoch_seconds": [],
         "train_images_per_second": [],
         "wall_seconds": 0.0,
-    })
-    history = {key: [] for key in HISTORY_FILES}
-    write_history(folder, history)
-    write_run_info(folder, info)
-
-    steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
-    progress = tqdm(total=config.epochs * steps_per_epoch, desc=exp.name, unit="step",
-                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    run_start = time.perf_counter()
-    try:
-        for epoch in range(config.epochs):
-            epoch_start = time.perf_counter()
-            train_loss, train_acc = train_one_epoch(model, optimizer, train_images, train_labels,
-                                                    config, generator, autocast, progress, epoch)
-            train_seconds = time.perf_counter() - epoch_start
-            test_loss, test_acc = evaluate(model, test_images, test_labels, config, autocast)
-            schedule.step()
-            if not math.isfinite(test_loss):
-                raise TrainingError(f"test loss became {test_loss} in epoch {epoch + 1}; "
-                                    f"{folder} keeps the {epoch} epoch(s) before")
-            for key, value in zip(HISTORY_FILES, (train_loss, train_acc, test_loss, test_acc)):
-                history[key].append(value)
-            info["epochs_done"] = epoch + 1
-            info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
-            info["train_images_per_second"].append(round(len(train_labels) / train_seconds, 1))
-            info["wall_seconds"] = round(time.perf_counter() - run_start, 3)
-            write_history(folder, history)
-            write_run_info(folder, info)
-            progress.set_postfix_str(f"test acc {100 * test_acc:.2f}%", refresh=False)
-            progress.write(f"{exp.name} epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f} "
-                           f"acc {100 * train_acc:.2f}% | test loss {test_loss:.4f} acc "
-                           f"{100 * test_acc:.2f}% | {info['epoch_seconds'][-1]:.1f} s")
-    except BaseException as e:
-        info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        raise
-    else:
-        info["status"] = "complete"
-    finally:
-        progress.close()
-        info["finished"] = now()
-        write_run_info(folder, info)
-    save_weights(model, folder / WEIGHTS_FILE)
-    run = Run(config, folder, history, info)
-    print(run.summary())
-    return run
+    }
 
 
-def train_one_epoch(model, optimizer, images, labels, config, generator, autocast, progress, epoch):
-    """One pass over a fresh permutation; loss and accuracy counted per image, kept on the device
+def epoch_start_position(epoch):
+    """Where a run stands: the next epoch and step, that epoch's permutation (drawn at its first
+    step) and running sums, and the seconds spent in it so far. Checkpoints save it whole, so a
+    run stopped mid-epoch resumes at the very next step."""
+    return {"epoch": epoch, "step": 0, "order": None, "loss_sum": None, "correct": None, "seen": 0,
+            "seconds": 0.0, "first_bad_step": None}
+
+
+def train_one_epoch(model, optimizer, data, config, generator, autocast, progress, position, stop):
+    """Steps from `position` to the end of its epoch, updating `position` after each; returns
+    False if a stop was requested first. Loss and accuracy are summed per image on the device
     and read back only when the progress bar redraws, so the GPU never waits on the CPU."""
     model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=generator, device=images.device)
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device, dtype=torch.long)
-    seen, last_report = 0, 0.0
-    for step, start in enumerate(range(0, n, config.batch_size)):
-        index = order[start:start + config.batch_size]
+    images, labels = data.train_images, data.train_labels
+    device = images.device
+    if position["order"] is None:
+        position.update(order=torch.randperm(len(labels), generator=generator, device=device),
+                        loss_sum=torch.zeros((), device=device),
+                        correct=torch.zeros((), device=device, dtype=torch.long),
+                        first_bad_step=torch.full((), -1, device=device))
+    order, steps = position["order"], math.ceil(len(labels) / config.batch_size)
+    last_report = time.monotonic()
+    for step in range(position["step"], steps):
+        if stop.signal is not None:
+            return False
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
         x = cifar.augment(images[index], generator, config.crop_padding, config.flip,
                           config.rotation_degrees)
         x = prepare(cifar.normalize(x, config.mean, config.std))
@@ -268,27 +322,110 @@ def train_one_epoch(model, optimizer, images, labels, config, generator, autocas
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(index)
-        correct += (output.detach().argmax(1) == y).sum()
-        seen += len(index)
+        loss = loss.detach()
+        position["first_bad_step"] = torch.where((position["first_bad_step"] < 0) & ~loss.isfinite(),
+                                                 step, position["first_bad_step"])
+        position["loss_sum"] += loss * len(index)
+        position["correct"] += (output.detach().argmax(1) == y).sum()
+        position["seen"] += len(index)
+        position["step"] = step + 1
         progress.update(1)
-        if time.monotonic() - last_report > 1.0 or seen == n:
+        if time.monotonic() - last_report > 1.0 or step + 1 == steps:
             last_report = time.monotonic()
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise TrainingError(f"training loss became {mean_loss} in epoch {epoch + 1}, step "
-                                    f"{step + 1}; the run folder keeps the {epoch} epoch(s) before")
-            progress.set_postfix_str(f"epoch {epoch + 1} loss {mean_loss:.4f} "
-                                     f"acc {100 * correct.item() / seen:.2f}%", refresh=False)
-    return loss_sum.item() / n, correct.item() / n
+            report_progress(progress, position)
+    return stop.signal is None
 
 
-def save_weights(model, path):
-    """The final weights (a state_dict; load with torch.load(path, weights_only=True)), written
-    atomically. They stay out of git: history files and run.json are what the repository keeps."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+def report_progress(progress, position):
+    bad = position["first_bad_step"].item()
+    if bad >= 0:
+        raise TrainingError(f"training loss became non-finite in epoch {position['epoch'] + 1}, step "
+                            f"{bad + 1}; the run folder keeps the {position['epoch']} finished "
+                            f"epoch(s) and their checkpoint")
+    progress.set_postfix_str(f"epoch {position['epoch'] + 1} loss "
+                             f"{position['loss_sum'].item() / position['seen']:.4f} acc "
+                             f"{100 * position['correct'].item() / position['seen']:.2f}%", refresh=False)
+
+
+class RunInterrupted(UserError):
+    """A run stopped by a signal after saving its checkpoint; exits with 128 + the signal number."""
+
+    def __init__(self, signal_number, message):
+        super().__init__(message)
+        self.exit_code = 128 + int(signal_number)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signal`: the loop finishes its step, saves and
+    stops, instead of dying mid-write. Signals can only be caught in the main thread; elsewhere
+    (a notebook's worker thread, say) this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self.previous[number] = signal.signal(number, self.request)
+        return self
+
+    def request(self, number, frame):
+        self.signal = signal.Signals(number)
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def rng_states(generator):
+    """Every random state a run touches: the data generator, torch's CPU and CUDA generators
+    (dropout, initialisation), and Python's and NumPy's for completeness. NumPy's array becomes a
+    list so that the checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"data": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+
+
+def save_checkpoint(folder, config, model, optimizer, schedule, generator, history, info, position):
+    save_tensors(Path(folder) / CHECKPOINT_FILE, {
+        "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "rng": rng_states(generator), "position": dict(position),
+        "history": history, "info": info})
+
+
+def restore(checkpoint, model, optimizer, schedule, generator, device):
+    """Put a checkpoint's states back; returns its history, run info and position."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["schedule"])
+    rng = checkpoint["rng"]
+    generator.set_state(rng["data"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in rng["python"]))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    position = {k: v.to(device) if torch.is_tensor(v) else v for k, v in checkpoint["position"].items()}
+    return checkpoint["history"], checkpoint["info"], position
+
+
+# Where a run's data and device may differ between its start and its resume.
+LOCATION_SETTINGS = {"data_dir", "download", "device"}
+
+
+def refuse_other_config(saved, config):
+    current = config.to_dict()
+    differing = sorted(k for k in set(saved) | set(current)
+                       if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
+    if differing:
+        raise UserError(f"the checkpoint was made with other settings ({', '.join(differing)}); "
+                        f"resume with the same ones, or start afresh in another --out")
+
+
+def normalise(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def refuse_to_replace_full_run(folder, full_budget, overwrite):

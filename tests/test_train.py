@@ -107,7 +107,7 @@ class NaNModel(nn.Module):
 
 def test_non_finite_loss_stops_the_run_without_writing_nan(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(training, "model_from_config", lambda config: NaNModel())
-    with pytest.raises(training.TrainingError, match="training loss became nan in epoch 1, step"):
+    with pytest.raises(training.TrainingError, match="training loss became non-finite in epoch 1, step 1;"):
         train("res_512", out_dir=tmp_path, epochs=2, **tiny)
     assert all(v == [] for v in read_history(tmp_path).values())
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"

@@ -1,0 +1,163 @@
+"""Runs that survive: exact resume, signals, bad numbers, tampered checkpoints, locks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from common import data as cifar
+from common import training
+from common.config import UserError
+from common.history import HISTORY_FILES, load_checkpoint
+from common.training import RunInterrupted, train
+from conftest import REPO
+
+
+def histories_and_weights(folder):
+    texts = {name: (folder / name).read_text() for name in HISTORY_FILES.values()}
+    return texts, torch.load(folder / "model.pt", weights_only=True)
+
+
+def interrupt_at_step(monkeypatch, step):
+    """Deliver SIGINT during the `step`-th training step (1-based, counted over the run)."""
+    calls = {"n": 0}
+    augment = cifar.augment
+
+    def augment_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            signal.raise_signal(signal.SIGINT)
+        return augment(*args, **kwargs)
+    monkeypatch.setattr(cifar, "augment", augment_then_signal)
+
+
+@pytest.mark.parametrize("stop_step", [6, 8], ids=["mid-epoch", "end-of-epoch-2"])
+def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypatch, stop_step):
+    settings = dict(epochs=4, seed=3, **tiny)  # 200 images / batch 64: 4 steps an epoch
+    train("res_512_d", out_dir=tmp_path / "straight", **settings)
+
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, stop_step)
+        with pytest.raises(RunInterrupted, match="stopped by SIGINT at epoch 2.*--resume") as caught:
+            train("res_512_d", out_dir=tmp_path / "resumed", **settings)
+    assert caught.value.exit_code == 130
+    info = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["epochs_done"] == 1
+    assert not (tmp_path / "resumed" / "run.lock").exists()
+
+    run = train("res_512_d", out_dir=tmp_path / "resumed", resume=True, **settings)
+    assert run.info["status"] == "complete" and len(run.info["resumed"]) == 1
+    straight, resumed = (histories_and_weights(tmp_path / d) for d in ("straight", "resumed"))
+    assert straight[0] == resumed[0]
+    assert straight[1].keys() == resumed[1].keys()
+    assert all(torch.equal(straight[1][k], resumed[1][k]) for k in straight[1])
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
+    train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    with pytest.raises(UserError, match=r"other settings \(epochs, lr\)"):
+        train("res_512", out_dir=tmp_path, resume=True, epochs=2, lr=0.05, **tiny)
+
+
+def test_resume_needs_a_checkpoint(tmp_path, tiny):
+    with pytest.raises(UserError, match="no checkpoint.pt to resume from"):
+        train("res_512", out_dir=tmp_path, resume=True, **tiny)
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+def test_truncated_or_tampered_checkpoint_is_refused(tmp_path, tiny):
+    train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert load_checkpoint(tmp_path)["position"]["epoch"] == 1
+    original = checkpoint.read_bytes()
+    checkpoint.write_bytes(original[: len(original) // 2])
+    with pytest.raises(UserError, match="checkpoint.pt: refused"):
+        train("res_512", out_dir=tmp_path, resume=True, epochs=1, **tiny)
+    torch.save({"config": Payload()}, checkpoint)
+    with pytest.raises(UserError, match="checkpoint.pt: refused"):
+        load_checkpoint(tmp_path)
+
+
+class NaNAfter(nn.Module):
+    """Finite outputs for the first `good` training steps, NaN after."""
+
+    def __init__(self, good):
+        super().__init__()
+        self.linear, self.good, self.calls = nn.Linear(3, 10), good, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.linear(x.mean((2, 3)))
+        return out * float("nan") if self.calls > self.good else out
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(training, "model_from_config", lambda config: NaNAfter(good=5))
+    with pytest.raises(training.TrainingError, match="in epoch 2, step 2; the run folder keeps the 1"):
+        train("res_512", out_dir=tmp_path, epochs=3, **tiny)
+    assert len((tmp_path / "test_acc_history.txt").read_text().splitlines()) == 1
+    assert load_checkpoint(tmp_path)["position"]["epoch"] == 1
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken(tmp_path, tiny):
+    (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # our parent: alive
+    with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getppid()}"):
+        train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(finished.stdout)  # a pid whose process has ended
+    train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    assert not (tmp_path / "run.lock").exists()
+
+
+def start_cli_run(folder, fake_data, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "common", "train", "res_512", "--data-dir", str(fake_data), "--out",
+         str(folder), "--device", "cpu", "--no-download", "--batch-size", "16", *extra],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(folder, epochs, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads((folder / "run.json").read_text())["epochs_done"] >= epochs:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no {epochs} epoch(s) in {folder}: {process.poll()}")
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, fake_data):
+    process = start_cli_run(tmp_path, fake_data, "--epochs", "200")
+    wait_for_epochs(tmp_path, 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    last = stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last and f"--out {tmp_path} --resume" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*HISTORY_FILES.values(), "run.json", "checkpoint.pt"])  # no temporary files, no lock
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(tmp_path)["config"]["epochs"] == 200
+
+
+def test_two_runs_in_two_folders_at_once_do_not_interfere(tmp_path, fake_data):
+    runs = [start_cli_run(tmp_path / name, fake_data, "--epochs", "2", "--seed", "5")
+            for name in ("a", "b")]
+    for process in runs:
+        assert process.wait(timeout=180) == 0, process.stderr.read()
+    a, b = ((tmp_path / n / "test_loss_history.txt").read_text() for n in ("a", "b"))
+    assert a == b and len(a.splitlines()) == 2
