@@ -1,7 +1,7 @@
 import pytest
 
 from common.history import (HISTORY_FILES, RunFolderError, read_history, read_run_info,
-                            write_atomic, write_history)
+                            replace_atomically, write_atomic, write_history)
 
 
 def history(n=3):
@@ -25,8 +25,12 @@ def test_atomic_write_leaves_only_the_file(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     write_atomic(tmp_path / "a.txt", "complete\n")
-    with pytest.raises(TypeError):  # fails inside the write, after the temporary file exists
-        write_atomic(tmp_path / "a.txt", 12345)
+
+    def dies_mid_write(f):
+        f.write(b"half a fi")
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        replace_atomically(tmp_path / "a.txt", dies_mid_write)
     assert (tmp_path / "a.txt").read_text() == "complete\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
