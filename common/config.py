@@ -50,6 +50,7 @@ class Config:
     data_dir: Optional[str] = None  # None: <repository>/data
     download: bool = True
     device: str = "auto"
+    sync_batchnorm: bool = False  # under torchrun on GPUs: batch statistics over all ranks
 
     def __post_init__(self):
         checks = [

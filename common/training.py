@@ -1,9 +1,12 @@
 """One training loop for every experiment: `train(name, **overrides)` runs it and writes its folder.
 
-Follow a run top to bottom: resolve the config and device, load the data onto the device, build the
-model and optimiser, then per epoch: augment and step through a permutation of the training set,
-evaluate on the test set, append to the history and rewrite the history files and run.json.
+Follow a run top to bottom: `train` resolves the config and device; `start_run` loads the data onto
+the device and builds the model, optimiser and random generators (or restores them from a
+checkpoint); `run_epochs` then, epoch by epoch, steps through a permutation of the training set
+(`train_one_epoch`: augment, forward, backward, step) and `finish_epoch` evaluates on the test set
+and rewrites the history files, run.json and checkpoint.
 """
+import contextlib
 import datetime
 import math
 import platform
@@ -23,7 +26,8 @@ from tqdm import tqdm
 
 from . import data as cifar
 from .config import Config, UserError
-from .experiments import REPO_ROOT, get_experiment
+from .distributed import Cluster
+from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, HISTORY_FILES, WEIGHTS_FILE, RunFolderError, load_checkpoint,
                       read_run_info, run_lock, save_tensors, write_history, write_run_info)
 from .models import count_parameters, model_from_config, model_options, multiply_adds
@@ -154,123 +158,194 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     """Train a registered experiment; `overrides` are Config fields (epochs=1, subset=500, ...).
     Writes the history files, run.json and checkpoint.pt into `out_dir` (default: the
     experiment's folder) after every epoch, model.pt at the end, and returns the Run. `resume`
-    continues from the folder's checkpoint exactly where it stopped."""
+    continues from the folder's checkpoint exactly where it stopped. Under torchrun, trains
+    data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
-    with run_lock(folder):
-        checkpoint = load_checkpoint(folder) if resume else None
-        if checkpoint is not None:
-            refuse_other_config(checkpoint["config"], config)
-        data = cifar.load_cifar10(config.data_dir, allow_download=config.download)
-        full_budget = (config.subset is None and config.epochs >= exp.config.epochs
-                       and data.variant in cifar.FULL_VARIANTS)
-        if checkpoint is None:
-            refuse_to_replace_full_run(folder, full_budget, overwrite)
-        if config.subset is not None:
-            data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
-        data = data.to(device)
-
-        torch.manual_seed(config.seed)
-        model = model_from_config(config).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
-        optimizer = make_optimizer(model, config)
-        schedule = make_schedule(optimizer, config)
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-        if checkpoint is None:
-            history = {key: [] for key in HISTORY_FILES}
-            info = describe_run(exp, config, model, data, device, full_budget)
-            position = epoch_start_position(0)
-        else:
-            history, info, position = restore(checkpoint, model, optimizer, schedule, generator, device)
-            info.update(status="running", git=git_commit())
-            info["resumed"].append(now())
-        write_history(folder, history)
-        write_run_info(folder, info)
-        return run_epochs(exp, config, folder, model, optimizer, schedule, generator, data, history,
-                          info, position)
+    cluster = Cluster.from_environment(device.type)
+    device = cluster.device(device)
+    try:
+        with run_lock(folder) if cluster.is_main else contextlib.nullcontext():
+            return run_epochs(start_run(exp, config, folder, device, cluster, overwrite, resume))
+    finally:
+        cluster.close()
 
 
-def run_epochs(exp, config, folder, model, optimizer, schedule, generator, data, history, info, position):
-    """Train from `position` to the last epoch; after each, evaluate, then save the checkpoint,
-    history and run.json. SIGINT/SIGTERM end the current step, save a checkpoint, and stop."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=data.train_images.is_cuda)
-    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+@dataclass
+class TrainingRun:
+    """Everything a run holds while it trains; a checkpoint is a snapshot of it."""
+    exp: Experiment
+    config: Config
+    folder: Path
+    cluster: Cluster
+    model: torch.nn.Module  # the plain model: evaluated and saved
+    train_model: torch.nn.Module  # the one stepped: the model, or its DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generators: dict  # "shuffle": the same on every rank; "augment": this rank's own
+    data: cifar.Cifar10
+    history: dict
+    info: dict
+    position: dict
+
+    def write_files(self):
+        if self.cluster.is_main:
+            write_history(self.folder, self.history)
+            write_run_info(self.folder, self.info)
+
+    def save_checkpoint(self):
+        if self.cluster.is_main:
+            save_tensors(self.folder / CHECKPOINT_FILE, {
+                "config": self.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "rng": rng_states(self.generators), "position": dict(self.position),
+                "history": self.history, "info": self.info})
+
+    def restore(self, checkpoint):
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        restore_rng_states(checkpoint["rng"], self.generators)
+        device = self.data.train_images.device
+        self.position = {k: v.to(device) if torch.is_tensor(v) else v
+                         for k, v in checkpoint["position"].items()}
+        self.history, self.info = checkpoint["history"], checkpoint["info"]
+        self.info.update(status="running", git=git_commit())
+        self.info["resumed"].append(now())
+
+
+def start_run(exp, config, folder, device, cluster, overwrite, resume):
+    """Load the data, build model, optimiser and generators, and either start afresh or restore
+    the folder's checkpoint."""
+    checkpoint = load_checkpoint(folder) if resume else None
+    if checkpoint is not None:
+        refuse_other_config(checkpoint["config"], config)
+    data = cifar.load_cifar10(config.data_dir, allow_download=config.download)
+    full_budget = (config.subset is None and config.epochs >= exp.config.epochs
+                   and data.variant in cifar.FULL_VARIANTS)
+    if checkpoint is None:
+        refuse_to_replace_full_run(folder, full_budget, overwrite)
+    if config.subset is not None:
+        data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
+    data = data.to(device)
+
+    torch.manual_seed(config.seed)
+    model = model_from_config(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    train_model, model = cluster.wrap(model, config.sync_batchnorm)
+    optimizer = make_optimizer(model, config)
+    run = TrainingRun(exp, config, folder, cluster, model, train_model, optimizer,
+                      make_schedule(optimizer, config), make_generators(config.seed, cluster.rank, device),
+                      data, {key: [] for key in HISTORY_FILES}, {}, epoch_start_position(0))
+    if checkpoint is None:
+        run.info = describe_run(run, device, full_budget)
+    else:
+        run.restore(checkpoint)
+    run.write_files()
+    return run
+
+
+def make_generators(seed, rank, device):
+    """The shuffle stream, shared by all ranks, and an augmentation stream of this rank's own;
+    SeedSequence makes the two independent even though both derive from one seed."""
+    augment_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return {"shuffle": torch.Generator(device=device).manual_seed(seed),
+            "augment": torch.Generator(device=device).manual_seed(augment_seed)}
+
+
+def run_epochs(run):
+    """Train from the run's position to its last epoch; after each, evaluate, then save the
+    checkpoint, history and run.json. SIGINT/SIGTERM end the current step, save a checkpoint,
+    and stop the run with RunInterrupted."""
+    config, info, position = run.config, run.info, run.position
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.data.train_images.is_cuda)
+    steps_per_epoch = math.ceil(len(run.data.train_labels) / config.batch_size)
     progress = tqdm(total=config.epochs * steps_per_epoch,
-                    initial=position["epoch"] * steps_per_epoch + position["step"], desc=exp.name,
-                    unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+                    initial=position["epoch"] * steps_per_epoch + position["step"], desc=run.exp.name,
+                    unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                    disable=not run.cluster.is_main)
     session_start = time.perf_counter() - info["wall_seconds"]
     try:
         with StopSignals() as stop:
             while position["epoch"] < config.epochs:
                 epoch_start = time.perf_counter() - position["seconds"]
-                finished = train_one_epoch(model, optimizer, data, config, generator, autocast,
-                                           progress, position, stop)
+                finished = train_one_epoch(run, autocast, progress, stop)
                 position["seconds"] = time.perf_counter() - epoch_start
                 if not finished:
                     info["status"] = "interrupted"
-                    save_checkpoint(folder, config, model, optimizer, schedule, generator, history,
-                                    info, position)
+                    run.save_checkpoint()
                     raise RunInterrupted(stop.signal, f"stopped by {stop.signal.name} at epoch "
                                          f"{position['epoch'] + 1}, step {position['step']}; checkpoint "
-                                         f"saved; resume with: python -m common train {exp.name} "
-                                         f"--out {folder} --resume")
-                train_seconds = position["seconds"]
-                train_loss = position["loss_sum"].item() / position["seen"]
-                train_acc = position["correct"].item() / position["seen"]
-                test_loss, test_acc = evaluate(model, data.test_images, data.test_labels, config, autocast)
-                if not math.isfinite(test_loss):
-                    raise TrainingError(f"test loss became {test_loss} in epoch {position['epoch'] + 1}; "
-                                        f"{folder} keeps the {position['epoch']} epoch(s) before")
-                schedule.step()
-                for key, value in zip(HISTORY_FILES, (train_loss, train_acc, test_loss, test_acc)):
-                    history[key].append(value)
-                info["epochs_done"] = len(history["test_acc"])
-                info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
-                info["train_images_per_second"].append(round(len(data.train_labels) / train_seconds, 1))
-                info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
-                position.update(epoch_start_position(position["epoch"] + 1))
-                save_checkpoint(folder, config, model, optimizer, schedule, generator, history, info,
-                                position)
-                write_history(folder, history)
-                write_run_info(folder, info)
-                progress.set_postfix_str(f"test acc {100 * test_acc:.2f}%", refresh=False)
-                progress.write(f"{exp.name} epoch {info['epochs_done']}/{config.epochs}: train loss "
-                               f"{train_loss:.4f} acc {100 * train_acc:.2f}% | test loss {test_loss:.4f} "
-                               f"acc {100 * test_acc:.2f}% | {info['epoch_seconds'][-1]:.1f} s")
+                                         f"saved; resume with: python -m common train {run.exp.name} "
+                                         f"--out {run.folder} --resume")
+                finish_epoch(run, autocast, epoch_start, session_start, progress)
     except BaseException as e:
         if info["status"] == "running":
             info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         raise
     else:
         info["status"] = "complete"
-        save_tensors(folder / WEIGHTS_FILE, model.state_dict())
+        if run.cluster.is_main:
+            save_tensors(run.folder / WEIGHTS_FILE, run.model.state_dict())
     finally:
         progress.close()
         info["finished"] = now()
         info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
-        write_run_info(folder, info)
-    run = Run(config, folder, history, info)
-    print(run.summary())
-    return run
+        run.write_files()
+    result = Run(config, run.folder, run.history, info)
+    if run.cluster.is_main:
+        print(result.summary())
+    return result
 
 
-def describe_run(exp, config, model, data, device, full_budget):
+def finish_epoch(run, autocast, epoch_start, session_start, progress):
+    """Sum the epoch's training figures over ranks, evaluate, and record it all."""
+    position, info, history = run.position, run.info, run.history
+    train_seconds = position["seconds"]
+    seen = run.cluster.sum(torch.tensor([position["seen"]], device=position["loss_sum"].device))
+    train_loss = run.cluster.sum(position["loss_sum"].clone()).item() / seen.item()
+    train_acc = run.cluster.sum(position["correct"].clone()).item() / seen.item()
+    test_loss, test_acc = evaluate(run.model, run.data.test_images, run.data.test_labels, run.config,
+                                   autocast)
+    if not math.isfinite(test_loss):
+        raise TrainingError(f"test loss became {test_loss} in epoch {position['epoch'] + 1}; "
+                            f"{run.folder} keeps the {position['epoch']} epoch(s) before")
+    run.schedule.step()
+    for key, value in zip(HISTORY_FILES, (train_loss, train_acc, test_loss, test_acc)):
+        history[key].append(value)
+    info["epochs_done"] = len(history["test_acc"])
+    info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
+    info["train_images_per_second"].append(round(len(run.data.train_labels) / train_seconds, 1))
+    info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
+    position.update(epoch_start_position(position["epoch"] + 1))
+    run.save_checkpoint()
+    run.write_files()
+    progress.set_postfix_str(f"test acc {100 * test_acc:.2f}%", refresh=False)
+    if run.cluster.is_main:
+        progress.write(f"{run.exp.name} epoch {info['epochs_done']}/{run.config.epochs}: train loss "
+                       f"{train_loss:.4f} acc {100 * train_acc:.2f}% | test loss {test_loss:.4f} "
+                       f"acc {100 * test_acc:.2f}% | {info['epoch_seconds'][-1]:.1f} s")
+
+
+def describe_run(run, device, full_budget):
     """run.json at the start of a run: what runs, on what, from which code."""
+    config = run.config
     return {
-        "experiment": exp.name,
+        "experiment": run.exp.name,
         "config": config.to_dict(),
         "seed": config.seed,
         "model": model_options(config),
-        "trainable_parameters": count_parameters(model),
-        "multiply_adds_per_image": multiply_adds(model),
+        "trainable_parameters": count_parameters(run.model),
+        "multiply_adds_per_image": multiply_adds(run.model),
         "budget": "full" if full_budget else "smoke",
-        "data": {"folder": str(data.folder), "variant": data.variant,
-                 "train_images": len(data.train_labels), "test_images": len(data.test_labels)},
+        "data": {"folder": str(run.data.folder), "variant": run.data.variant,
+                 "train_images": len(run.data.train_labels), "test_images": len(run.data.test_labels)},
         "device": {"type": device.type, "name": device_name(device)},
+        "world_size": run.cluster.world_size,
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "git": git_commit(),
@@ -294,34 +369,35 @@ def epoch_start_position(epoch):
             "seconds": 0.0, "first_bad_step": None}
 
 
-def train_one_epoch(model, optimizer, data, config, generator, autocast, progress, position, stop):
-    """Steps from `position` to the end of its epoch, updating `position` after each; returns
-    False if a stop was requested first. Loss and accuracy are summed per image on the device
-    and read back only when the progress bar redraws, so the GPU never waits on the CPU."""
-    model.train()
-    images, labels = data.train_images, data.train_labels
+def train_one_epoch(run, autocast, progress, stop):
+    """Steps from the run's position to the end of its epoch, updating the position after each;
+    returns False if a stop was requested first. Loss and accuracy are summed per image on the
+    device and read back only when the progress bar redraws, so the GPU never waits on the CPU."""
+    config, position, generators = run.config, run.position, run.generators
+    images, labels = run.data.train_images, run.data.train_labels
     device = images.device
+    run.train_model.train()
     if position["order"] is None:
-        position.update(order=torch.randperm(len(labels), generator=generator, device=device),
+        position.update(order=torch.randperm(len(labels), generator=generators["shuffle"], device=device),
                         loss_sum=torch.zeros((), device=device),
                         correct=torch.zeros((), device=device, dtype=torch.long),
                         first_bad_step=torch.full((), -1, device=device))
     order, steps = position["order"], math.ceil(len(labels) / config.batch_size)
     last_report = time.monotonic()
     for step in range(position["step"], steps):
-        if stop.signal is not None:
+        if run.cluster.any(stop.signal is not None):
             return False
-        index = order[step * config.batch_size:(step + 1) * config.batch_size]
-        x = cifar.augment(images[index], generator, config.crop_padding, config.flip,
+        index = run.cluster.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
+        x = cifar.augment(images[index], generators["augment"], config.crop_padding, config.flip,
                           config.rotation_degrees)
         x = prepare(cifar.normalize(x, config.mean, config.std))
         y = labels[index]
         with autocast:
-            output = model(x)
+            output = run.train_model(x)
             loss = F.cross_entropy(output.float(), y)
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        run.optimizer.step()
         loss = loss.detach()
         position["first_bad_step"] = torch.where((position["first_bad_step"] < 0) & ~loss.isfinite(),
                                                  step, position["first_bad_step"])
@@ -333,7 +409,7 @@ def train_one_epoch(model, optimizer, data, config, generator, autocast, progres
         if time.monotonic() - last_report > 1.0 or step + 1 == steps:
             last_report = time.monotonic()
             report_progress(progress, position)
-    return stop.signal is None
+    return not run.cluster.any(stop.signal is not None)
 
 
 def report_progress(progress, position):
@@ -358,7 +434,7 @@ class RunInterrupted(UserError):
 class StopSignals:
     """While active, SIGINT and SIGTERM only set `signal`: the loop finishes its step, saves and
     stops, instead of dying mid-write. Signals can only be caught in the main thread; elsewhere
-    (a notebook's worker thread, say) this does nothing."""
+    this does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -377,38 +453,26 @@ class StopSignals:
             signal.signal(number, handler)
 
 
-def rng_states(generator):
-    """Every random state a run touches: the data generator, torch's CPU and CUDA generators
+def rng_states(generators):
+    """Every random state a run touches: its data generators, torch's CPU and CUDA generators
     (dropout, initialisation), and Python's and NumPy's for completeness. NumPy's array becomes a
     list so that the checkpoint loads with weights_only=True."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"data": generator.get_state(), "torch": torch.get_rng_state(),
+    return {**{name: g.get_state() for name, g in generators.items()},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
 
 
-def save_checkpoint(folder, config, model, optimizer, schedule, generator, history, info, position):
-    save_tensors(Path(folder) / CHECKPOINT_FILE, {
-        "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(), "rng": rng_states(generator), "position": dict(position),
-        "history": history, "info": info})
-
-
-def restore(checkpoint, model, optimizer, schedule, generator, device):
-    """Put a checkpoint's states back; returns its history, run info and position."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    schedule.load_state_dict(checkpoint["schedule"])
-    rng = checkpoint["rng"]
-    generator.set_state(rng["data"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in rng["python"]))
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
+def restore_rng_states(states, generators):
+    for name, generator in generators.items():
+        generator.set_state(states[name])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in states["python"]))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    position = {k: v.to(device) if torch.is_tensor(v) else v for k, v in checkpoint["position"].items()}
-    return checkpoint["history"], checkpoint["info"], position
 
 
 # Where a run's data and device may differ between its start and its resume.

@@ -1,0 +1,40 @@
+"""Data-parallel training through torchrun, on CPU with the gloo backend (2 processes)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from common.distributed import Cluster
+from common.history import HISTORY_FILES
+from conftest import REPO
+
+
+def test_ranks_take_disjoint_shards_that_cover_the_batch():
+    batch = torch.randperm(77)
+    shards = [Cluster(rank, rank, 3).shard(batch) for rank in range(3)]
+    assert torch.equal(torch.cat(shards), batch)
+    assert torch.equal(Cluster().shard(batch), batch)
+
+
+def test_torchrun_trains_data_parallel_and_only_rank_0_writes(tmp_path, fake_data):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "common", "train", "res_512", "--epochs", "2", "--data-dir", str(fake_data), "--out",
+         str(out), "--device", "cpu", "--no-download", "--batch-size", "32"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final test accuracy") == 1  # one summary: rank 0's
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "complete" and info["epochs_done"] == 2
+    assert info["data"]["train_images"] == 200
+    for key, name in HISTORY_FILES.items():
+        values = [float(v) for v in (out / name).read_text().split()]
+        assert len(values) == 2
+        if key == "train_acc":  # counted per image over both ranks' shards: k / 200
+            assert all(abs(v * 200 - round(v * 200)) < 1e-9 for v in values)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*HISTORY_FILES.values(), "run.json", "checkpoint.pt", "model.pt"])
