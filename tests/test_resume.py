@@ -140,18 +140,27 @@ def wait_for_epochs(folder, epochs, process, timeout=120):
     raise AssertionError(f"no {epochs} epoch(s) in {folder}: {process.poll()}")
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, fake_data):
-    process = start_cli_run(tmp_path, fake_data, "--epochs", "200")
-    wait_for_epochs(tmp_path, 1, process)
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, fake_data, tiny):
+    settings = ["--epochs", "3", "--batch-size", "4", "--seed", "2"]  # 50 steps an epoch
+    folder = tmp_path / "stopped"
+    process = start_cli_run(folder, fake_data, *settings)
+    wait_for_epochs(folder, 1, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143
     last = stderr.strip().splitlines()[-1]
-    assert "stopped by SIGTERM" in last and f"--out {tmp_path} --resume" in last
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert "stopped by SIGTERM at epoch" in last and f"--out {folder} --resume" in last
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
         [*HISTORY_FILES.values(), "run.json", "checkpoint.pt"])  # no temporary files, no lock
-    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
-    assert load_checkpoint(tmp_path)["config"]["epochs"] == 200
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(folder)["position"]["epoch"] >= 1
+
+    resumed = start_cli_run(folder, fake_data, *settings, "--resume")
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
+    train("res_512", out_dir=tmp_path / "straight", epochs=3, seed=2, **{**tiny, "batch_size": 4})
+    straight, stopped = (histories_and_weights(tmp_path / d) for d in ("straight", "stopped"))
+    assert straight[0] == stopped[0]
+    assert all(torch.equal(straight[1][k], stopped[1][k]) for k in straight[1])
 
 
 def test_two_runs_in_two_folders_at_once_do_not_interfere(tmp_path, fake_data):
