@@ -16,7 +16,15 @@ from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
 README_MARKERS = ("<!-- results:start (written by `python -m common charts`) -->", "<!-- results:end -->")
-ARCHITECTURES = [name for name, e in EXPERIMENTS.items() if e.group == "architectures"]
+
+
+def group_members(group):
+    """The experiments of one registry group ("architectures", "changing_activations", ...)."""
+    return [name for name, e in EXPERIMENTS.items() if e.group == group]
+
+
+ARCHITECTURES = group_members("architectures")
+TRAIN_VS_TEST = ["res_512", "res_512_d"]  # the original study's train-vs-test pair
 
 
 @dataclass
@@ -64,8 +72,31 @@ def load_run(folder, name):
     return RunRecord(name, history, info) if history["test_acc"] else None
 
 
+def seed_folders(folder):
+    """The seed<N>/ subfolders of an experiment folder, by N: each is one run of a multi-seed group."""
+    found = [f for f in Path(folder).glob("seed*/") if f.name[len("seed"):].isdigit()]
+    return sorted(found, key=lambda f: int(f.name[len("seed"):]))
+
+
+def collect_groups(training_dir=TRAINING_DIR):
+    """Every experiment's runs, by seed: one per seed<N>/ subfolder of a multi-seed group, else
+    the run in the experiment's own folder; an empty list where there is none."""
+    groups = {}
+    for name in EXPERIMENTS:
+        folder = Path(training_dir) / name
+        runs = [load_run(f, name) for f in seed_folders(folder)] or [load_run(folder, name)]
+        groups[name] = [run for run in runs if run is not None]
+    return groups
+
+
+def representative_runs(groups):
+    """One run per experiment for the curve charts and the README (a group's lowest seed of full
+    budget, else its lowest seed; its provenance names the seed), or None."""
+    return {name: min(runs, key=lambda run: run.smoke) if runs else None for name, runs in groups.items()}
+
+
 def collect_runs(training_dir=TRAINING_DIR):
-    return {name: load_run(Path(training_dir) / name, name) for name in EXPERIMENTS}
+    return representative_runs(collect_groups(training_dir))
 
 
 def curves_chart(runs, names, key, ylabel, title, path):
@@ -160,7 +191,7 @@ def summary_rows(runs):
     rows = []
     for name, exp in EXPERIMENTS.items():
         run = runs.get(name)
-        published = "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
+        published = published_text(exp)
         if run is None:
             rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published])
             continue
@@ -169,6 +200,11 @@ def summary_rows(runs):
                      run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
                      run.info.get("seed", "?"), f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published])
     return rows
+
+
+def published_text(exp):
+    """The original study's best/final test % of an experiment, e.g. '86.67/86.55', or '-'."""
+    return "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
 
 
 SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seed",
@@ -201,13 +237,15 @@ def save(fig, path):
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same runs, same file
 
 
-def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULTS_DIR, readme=None):
-    """Every chart of the original study, from the run folders that exist, and the README's results
+def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULTS_DIR, readme=None,
+                runs=None):
+    """Every chart of the original study, from the run folders that exist (or from `runs`, as
+    collect_runs returns them, when the caller has read them already), and the README's results
     block when `readme` is given. Returns the paths written."""
-    runs = collect_runs(training_dir)
+    runs = collect_runs(training_dir) if runs is None else runs
     top_dir, results_dir = Path(top_dir), Path(results_dir)
-    activations = [n for n in EXPERIMENTS if n.startswith("changing_activations/")]
-    optimisers = [n for n in EXPERIMENTS if n.startswith("changing_optimisers/")]
+    activations = group_members("changing_activations")
+    optimisers = group_members("changing_optimisers")
     jobs = [
         (curves_chart, (runs, ARCHITECTURES, "test_acc", "test accuracy (%)",
                         "Test accuracy of the five architectures", top_dir / "model_acc.png")),
@@ -217,7 +255,7 @@ def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULT
                         "Activation sweep over res_512_d (SGD lr 0.1)", results_dir / "activations.png")),
         (curves_chart, (runs, optimisers, "test_acc", "test accuracy (%)",
                         "Optimiser sweep over res_512_d (ReLU, lr 0.1)", results_dir / "optimisers.png")),
-        (train_vs_test_chart, (runs, ["res_512", "res_512_d"], results_dir / "train_vs_test.png")),
+        (train_vs_test_chart, (runs, TRAIN_VS_TEST, results_dir / "train_vs_test.png")),
         (summary_table, (runs, top_dir / "model_summary.png")),
     ]
     for draw, args in jobs:

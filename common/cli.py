@@ -1,12 +1,14 @@
-"""python -m common {list,train,predict,charts,notebooks}: the same runs as the notebooks, without Jupyter.
+"""python -m common COMMAND: the same runs as the notebooks, without Jupyter, and what surrounds
+them (list, train, predict, charts, report, bench, study, notebooks).
 
 Bad input ends with one line on stderr and a non-zero status, never a traceback.
 """
 import argparse
+import json
 import sys
 
 from .config import UserError, parse_setting
-from .experiments import EXPERIMENTS, get_experiment
+from .experiments import EXPERIMENTS, SEED_STUDY, get_experiment
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,6 +51,47 @@ def cmd_charts(args):
     from .charts import make_charts
     for path in make_charts(args.training_dir, args.top_dir, args.results_dir, args.readme):
         print(f"wrote {path}")
+
+
+def cmd_report(args):
+    from .report import build_report
+    for path in build_report(args.training_dir, args.top_dir, args.results_dir, args.readme):
+        print(f"wrote {path}")
+
+
+def cmd_bench(args):
+    from .bench import MODES, bench, record, table
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise UserError(f"unknown bench mode {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    result = bench(args.experiment, args.device, args.batch_size, args.data_dir, args.steps,
+                   args.repeats, modes, download=not args.no_download)
+    print(table(result))
+    if args.json:
+        from .history import write_atomic
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    if args.record:
+        print(f"wrote {record(result, 'python -m common ' + ' '.join(sys.argv[1:]))}")
+
+
+def cmd_study(args):
+    from .study import study
+    names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
+    if not names:
+        raise UserError("name experiments, or pass --seed-study or --all")
+    for name in names:
+        get_experiment(name)
+    passthrough = {"--epochs": args.epochs, "--subset": args.subset, "--data-dir": args.data_dir,
+                   "--batch-size": args.batch_size}
+    extra = [str(v) for flag, value in passthrough.items() if value is not None for v in (flag, value)]
+    if args.no_download:
+        extra.append("--no-download")
+    outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
+                     out_root=args.out_root)
+    failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(names)} experiment(s) failed: {', '.join(failed)}")
 
 
 def cmd_notebooks(args):
@@ -100,13 +143,44 @@ def build_parser():
     p.add_argument("--results-dir", default=RESULTS_DIR)
     p.add_argument("--readme", default=README, help="README whose results block to rewrite")
 
+    p = commands.add_parser("report", help="summary table, charts and Project Report.pdf from the runs")
+    p.add_argument("--training-dir", default=TRAINING_DIR)
+    p.add_argument("--top-dir", default=REPO_ROOT, help="where Project Report.pdf and the top charts go")
+    p.add_argument("--results-dir", default=RESULTS_DIR, help="where summary.csv/.md and the other charts go")
+    p.add_argument("--readme", default=README, help="README whose results block to rewrite")
+
+    p = commands.add_parser("bench", help="training speed against the model's limit and the seed's pipeline")
+    p.add_argument("--experiment", default="res_512_d")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--steps", type=int, default=20, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")))
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.add_argument("--record", action="store_true", help="keep it in results/bench/ and results/bench.md")
+
+    p = commands.add_parser("study", help="run many experiments to completion, several at a time")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--seed-study", action="store_true", help="the original study's fourteen experiments")
+    p.add_argument("--all", action="store_true", help="every registered experiment")
+    p.add_argument("--parallel", type=int, default=1, help="processes at once on each device")
+    p.add_argument("--devices", default="auto", help="comma-separated, e.g. cuda:0,cuda:1")
+    p.add_argument("--out-root", help="run folders go to OUT_ROOT/<experiment> (default: training/)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--subset", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--no-download", action="store_true")
+
     p = commands.add_parser("notebooks", help="rewrite the experiments' notebooks from the registry")
     p.add_argument("--check", action="store_true", help="only report notebooks that differ")
     return parser
 
 
 COMMANDS = {"list": cmd_list, "train": cmd_train, "predict": cmd_predict, "charts": cmd_charts,
-            "notebooks": cmd_notebooks}
+            "report": cmd_report, "bench": cmd_bench, "study": cmd_study, "notebooks": cmd_notebooks}
 
 
 def main(argv=None):

@@ -71,7 +71,9 @@ def _optimiser_sweep():
             (best,) if best is not None else None)
 
 
-EXPERIMENTS = {e.name: e for e in (*_architectures(), *_activation_sweep(), *_optimiser_sweep())}
+_SEED_STUDY = (*_architectures(), *_activation_sweep(), *_optimiser_sweep())
+SEED_STUDY = [e.name for e in _SEED_STUDY]  # the original study's fourteen experiments
+EXPERIMENTS = {e.name: e for e in _SEED_STUDY}
 
 
 def get_experiment(name):

@@ -1,0 +1,232 @@
+"""python -m common bench: how close the training loop comes to what the model itself can do.
+
+Three ways of feeding the same model, batch size and device, each timed after a warm-up as the
+median of several repeats:
+- limit: forward, backward and optimiser step on random tensors already on the device;
+- ours: the project's training loop (`train_one_epoch`: on-device augmentation, bookkeeping,
+  progress bar) on real images;
+- seed-style: the original study's pipeline, PIL transforms per image (crop, flip, rotation,
+  to-tensor, normalise) in a DataLoader with 2 workers. torchvision's CIFAR10 class reads the
+  official pickles with plain `pickle` and refuses the offline copy, so the same per-image work is
+  done here on the arrays our safe reader returns.
+Plus the model's training FLOPs per image (torch.utils.flop_counter) and a dense matrix-multiply
+rate on the same device, as a ceiling for reference.
+"""
+import json
+import statistics
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .distributed import Cluster
+from .experiments import REPO_ROOT, get_experiment
+from .history import write_atomic
+from .models import model_from_config
+from .training import (device_name, epoch_start_position, make_optimizer, prepare, resolve_device,
+                       start_run, train_one_epoch)
+
+BENCH_DIR = REPO_ROOT / "results" / "bench"
+MODES = ("limit", "ours", "seed-style")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(run_steps, images, repeats, device):
+    """Images per second of `run_steps()` (which trains on `images` images), median of `repeats`."""
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run_steps()
+        synchronize(device)
+        rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def model_and_step(config, device):
+    """A fresh model on the device and a function doing one training step on (x, y)."""
+    torch.manual_seed(config.seed)
+    model = model_from_config(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(x, y):
+        with autocast:
+            loss = F.cross_entropy(model(prepare(x)).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.train(), step
+
+
+def measure_limit(config, device, steps, repeats):
+    _, step = model_and_step(config, device)
+    x = torch.randn(config.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (config.batch_size,), device=device)
+
+    def run_steps(count=steps):
+        for _ in range(count):
+            step(x, y)
+    run_steps(3)  # warm-up: allocator, cuDNN autotuning
+    return median_rate(run_steps, steps * config.batch_size, repeats, device)
+
+
+def measure_ours(experiment, config, device, steps, repeats):
+    """The real loop on a stratified subset of exactly `steps` batches, one epoch per repeat."""
+    config = config.replace(subset=steps * config.batch_size, epochs=repeats + 1)
+    no_stop = types.SimpleNamespace(signal=None)
+    with tempfile.TemporaryDirectory() as folder:
+        run = start_run(get_experiment(experiment), config, Path(folder), device, Cluster(),
+                        overwrite=True, resume=False)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        progress = tqdm(total=(repeats + 1) * steps, desc=f"bench {experiment} (ours)", leave=False)
+
+        def one_epoch():
+            train_one_epoch(run, autocast, progress, no_stop)
+            run.position = epoch_start_position(run.position["epoch"] + 1)
+        one_epoch()  # warm-up
+        rate = median_rate(one_epoch, steps * config.batch_size, repeats, device)
+        progress.close()
+    return rate
+
+
+class SeedStyleImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 does per item: a PIL image from the array, then the transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def measure_seed_style(config, device, data, steps, repeats):
+    from torchvision import transforms
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=config.crop_padding), transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(config.rotation_degrees), transforms.ToTensor(),
+        transforms.Normalize(config.mean, config.std)])
+    images = np.ascontiguousarray(data.train_images.permute(0, 2, 3, 1).numpy())
+    loader = torch.utils.data.DataLoader(SeedStyleImages(images, data.train_labels.numpy(), transform),
+                                         batch_size=config.batch_size, shuffle=True, num_workers=2,
+                                         drop_last=True, persistent_workers=True)
+    _, step = model_and_step(config, device)
+    batches = iter(())
+
+    def run_steps():
+        nonlocal batches
+        for _ in range(steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    run_steps()  # warm-up: starts the workers
+    return median_rate(run_steps, steps * config.batch_size, repeats, device)
+
+
+def training_flops_per_image(config, device):
+    """Forward + backward FLOPs of one training step, per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, _ = model_and_step(config, device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=device)).backward()
+    return counter.get_total_flops() // 2
+
+
+def matmul_flops_per_second(device, repeats=5):
+    """A dense square matrix multiply (fp32 on CPU, bf16 on GPU): a ceiling to read the rest by."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        rates.append(2 * n ** 3 / (time.perf_counter() - start))
+    return statistics.median(rates), f"{str(dtype).removeprefix('torch.')} {n}x{n}"
+
+
+def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None, steps=20, repeats=3,
+          modes=MODES, download=True):
+    """Measure and return a JSON-able dict: the rates, FLOP rates and the two ratios."""
+    from .data import load_cifar10
+    exp = get_experiment(experiment)
+    overrides = {"data_dir": data_dir, "download": download, "device": device, "batch_size": batch_size}
+    config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    device = resolve_device(config.device)
+    data = load_cifar10(config.data_dir, allow_download=config.download)
+    measure = {
+        "limit": lambda: measure_limit(config, device, steps, repeats),
+        "ours": lambda: measure_ours(experiment, config, device, steps, repeats),
+        "seed-style": lambda: measure_seed_style(config, device, data, steps, repeats),
+    }
+    flops = training_flops_per_image(config, device)
+    matmul, matmul_kind = matmul_flops_per_second(device)
+    rates = {mode: measure[mode]() for mode in modes}
+    result = {
+        "experiment": experiment, "batch_size": config.batch_size, "steps": steps, "repeats": repeats,
+        "device": device_name(device), "device_type": device.type, "torch": str(torch.__version__),
+        "data_variant": data.variant, "training_flops_per_image": flops,
+        "matmul": {"kind": matmul_kind, "flops_per_second": matmul},
+        "images_per_second": rates,
+        "ratios": {},
+    }
+    if "ours" in rates and "limit" in rates:
+        result["ratios"]["ours/limit"] = rates["ours"] / rates["limit"]
+    if "ours" in rates and "seed-style" in rates:
+        result["ratios"]["ours/seed-style"] = rates["ours"] / rates["seed-style"]
+    return result
+
+
+def table(result):
+    """The result as the text table `bench` prints (and results/bench.md holds)."""
+    flops, matmul = result["training_flops_per_image"], result["matmul"]["flops_per_second"]
+    lines = [f"{result['experiment']}, batch {result['batch_size']}, {result['device']}, torch "
+             f"{result['torch']}, {result['data_variant']} data; median of {result['repeats']} x "
+             f"{result['steps']} steps",
+             f"training FLOPs per image: {flops / 1e6:,.1f} M",
+             "",
+             f"{'mode':12} {'images/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"]
+    for mode, rate in result["images_per_second"].items():
+        lines.append(f"{mode:12} {rate:10,.1f} {rate * flops / 1e9:9,.1f} {rate * flops / matmul:10.1%}")
+    lines.append(f"{'matmul':12} {'':>10} {matmul / 1e9:9,.1f} ({result['matmul']['kind']})")
+    lines.append("")
+    lines += [f"{name}: {value:.2f}" for name, value in result["ratios"].items()]
+    return "\n".join(lines)
+
+
+def record(result, command, bench_dir=BENCH_DIR):
+    """Keep the result as results/bench/<device>-<experiment>-b<batch>.json and regenerate
+    results/bench.md from every recorded configuration."""
+    bench_dir = Path(bench_dir)
+    name = f"{result['device_type']}-{result['experiment'].replace('/', '-')}-b{result['batch_size']}"
+    write_atomic(bench_dir / f"{name}.json", json.dumps({**result, "command": command}, indent=2) + "\n")
+    sections = ["# Benchmarks\n\nGenerated by `python -m common bench ... --record` from "
+                "`results/bench/*.json`; each section is one configuration, measured in one process "
+                "(see `common/bench.py` for what limit, ours and seed-style mean).\n"]
+    for path in sorted(bench_dir.glob("*.json")):
+        recorded = json.loads(path.read_text())
+        sections.append(f"## {path.stem}\n\n`{recorded['command']}`\n\n```\n{table(recorded)}\n```\n")
+    write_atomic(bench_dir.parent / "bench.md", "\n".join(sections))
+    return bench_dir.parent / "bench.md"

@@ -1,0 +1,92 @@
+"""python -m common study: run many experiments to completion, several processes at a time.
+
+Each experiment is one `python -m common train` process writing its own folder (its output goes
+to train.log there). A complete run is skipped, an unfinished one with a checkpoint resumed, and a
+failure is reported without stopping the others. One progress bar counts the epochs of them all.
+"""
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .experiments import REPO_ROOT, TRAINING_DIR, get_experiment
+from .history import CHECKPOINT_FILE, RUN_FILE
+
+LOG_FILE = "train.log"
+
+
+def read_status(folder):
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def requested_epochs(name, extra_args):
+    if "--epochs" in extra_args:
+        return int(extra_args[extra_args.index("--epochs") + 1])
+    return get_experiment(name).config.epochs
+
+
+def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, poll_seconds=0.5):
+    """Run `names` with `parallel` processes on each of `devices`; returns {name: outcome}."""
+    extra_args = list(extra_args)
+    root = Path(out_root) if out_root else TRAINING_DIR
+    outcomes, queue = {}, []
+    for name in names:
+        folder, epochs = root / name, requested_epochs(name, extra_args)
+        status = read_status(folder)
+        if status.get("status") == "complete" and status.get("planned_epochs") == epochs:
+            outcomes[name] = "skipped (complete)"
+        else:
+            queue.append((name, folder, epochs, (folder / CHECKPOINT_FILE).is_file()))
+    slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
+    running = {}  # device slot index -> (name, folder, process)
+    progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), desc="study", unit="epoch")
+    done_epochs = {}
+    try:
+        while queue or running:
+            for slot, device in enumerate(slots):
+                if slot not in running and queue:
+                    name, folder, _, resume = queue.pop(0)
+                    running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
+                    tqdm.write(f"started {name} on {device}" + (" (resuming)" if resume else ""))
+            time.sleep(poll_seconds)
+            for slot, (name, folder, process) in list(running.items()):
+                done_epochs[name] = read_status(folder).get("epochs_done", 0)
+                if process.poll() is not None:
+                    del running[slot]
+                    outcomes[name] = outcome(process.returncode, folder)
+                    tqdm.write(f"{name}: {outcomes[name]}")
+            progress.n = sum(done_epochs.values())
+            progress.refresh()
+    finally:
+        for _, _, process in running.values():
+            process.terminate()  # each saves its checkpoint; the next study resumes it
+        progress.close()
+    return outcomes
+
+
+def launch(name, folder, device, extra_args, resume):
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "common", "train", name, "--out", str(folder), "--device", device,
+               *extra_args, *(["--resume"] if resume else [])]
+    # The caller's working directory, so relative --data-dir and --out-root mean the same to both.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    with open(folder / LOG_FILE, "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def outcome(returncode, folder):
+    if returncode == 0:
+        return "complete"
+    text = (folder / LOG_FILE).read_text(errors="replace")
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and "step/s" not in line]
+    return f"failed (exit {returncode}): {lines[-1].strip() if lines else 'no output'}"

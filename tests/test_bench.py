@@ -1,0 +1,49 @@
+"""`bench` runs on a tiny setting and prints a well-formed table; `study` runs tiny experiments in
+parallel. Benchmarks are commands: no test here asserts a speed."""
+import json
+import re
+
+from common.bench import record, table
+from test_cli import cli
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, fake_data):
+    result = cli("bench", "--experiment", "res_512", "--device", "cpu", "--batch-size", "8", "--steps", "2",
+                 "--repeats", "1", "--data-dir", fake_data, "--no-download", "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    for mode in ("limit", "ours", "seed-style", "matmul"):
+        assert re.search(rf"^{mode} +[\d,.]+", result.stdout, re.M), result.stdout
+    assert re.search(r"^ours/limit: \d+\.\d\d$", result.stdout, re.M)
+    assert re.search(r"^ours/seed-style: \d+\.\d\d$", result.stdout, re.M)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert set(saved["images_per_second"]) == {"limit", "ours", "seed-style"}
+    assert all(rate > 0 for rate in saved["images_per_second"].values())
+    assert saved["training_flops_per_image"] > 3 * 50_000_000  # forward + backward of res_512
+
+    md = record(saved, "python -m common bench ...", tmp_path / "bench")
+    assert md.name == "bench.md" and "## cpu-res_512-b8" in md.read_text()
+    assert table(saved) in md.read_text()
+
+
+def test_bench_refuses_an_unknown_mode():
+    result = cli("bench", "--modes", "ours,warp")
+    assert result.returncode == 2 and "unknown bench mode warp" in result.stderr
+
+
+def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_path, fake_data):
+    args = ["study", "res_512", "changing_optimisers/adam", "--parallel", "2", "--devices", "cpu",
+            "--out-root", tmp_path, "--epochs", "1", "--batch-size", "64", "--data-dir", fake_data,
+            "--no-download"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    for name in ("res_512", "changing_optimisers/adam"):
+        assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "complete"
+        assert f"started {name} on cpu" in first.stdout and f"{name}: complete" in first.stdout
+    again = cli(*args)
+    assert again.returncode == 0 and "started" not in again.stdout  # both complete: skipped
+
+    broken = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path / "b",
+                 "--epochs", "1", "--data-dir", tmp_path / "nowhere", "--no-download")
+    assert broken.returncode == 2
+    assert "res_block: failed (exit 2): error: no CIFAR-10 at" in broken.stdout
+    assert "2 of 2 experiment(s) failed" in broken.stderr

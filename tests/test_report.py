@@ -1,0 +1,146 @@
+import contextlib
+import csv
+import io
+import json
+import statistics
+
+import pytest
+from pypdf import PdfReader
+
+from common.charts import README_MARKERS
+from common.experiments import EXPERIMENTS
+from common.models import model_from_config, multiply_adds
+from common.report import REPORT_FILE, build_report
+from test_charts import fake_run
+from test_cli import cli
+
+SEEDS = {0: [0.60, 0.86], 1: [0.62, 0.87], 2: [0.61, 0.83]}  # res_512's test accuracy per seed
+
+
+def run(folder, test_acc, seed=0, budget="full"):
+    """fake_run, with the seed and wall time a real run records."""
+    fake_run(folder, test_acc, budget=budget)
+    info = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**info, "seed": seed, "wall_seconds": 600.0 + seed}))
+
+
+def fake_training(root):
+    """One run, a three-seed group, a smoke run, a folder missing history files, a corrupt run.json."""
+    training = root / "training"
+    run(training / "res_512_d", [0.5, 0.8, 0.75])
+    for seed, acc in SEEDS.items():
+        run(training / "res_512" / f"seed{seed}", acc, seed=seed)
+    run(training / "changing_optimisers/adam", [0.3], budget="smoke")
+    (training / "og_resnet").mkdir()
+    (training / "og_resnet" / "test_acc_history.txt").write_text("0.5\n")
+    run(training / "res_block", [0.4, 0.5])
+    (training / "res_block" / "run.json").write_text("{not json")
+    return training
+
+
+def outputs(out):
+    """The report's folders under `out`, with a README holding the results markers."""
+    out.mkdir(parents=True)
+    (out / "README.md").write_text(f"# Project\n\n{README_MARKERS[0]}\nold\n{README_MARKERS[1]}\n")
+    return dict(top_dir=out, results_dir=out / "results", readme=out / "README.md")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    training = fake_training(root)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        paths = build_report(training, **outputs(root / "out"))
+    return root, paths, printed.getvalue()
+
+
+def read_csv(path):
+    return list(csv.DictReader(path.open()))
+
+
+def pdf_text(path):
+    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def mean_std(values):
+    return f"{statistics.fmean(values):.2f}", f"{statistics.stdev(values):.2f}"
+
+
+def test_csv_rows_are_the_history_files_maxima_and_final_values(built):
+    root, _, _ = built
+    rows = read_csv(root / "out" / "results" / "summary.csv")
+    headline = {row["experiment"]: row for row in rows if row["budget"] != "smoke"}
+    assert list(headline) == list(EXPERIMENTS)  # one row per registered experiment
+    single = headline["res_512_d"]
+    assert (single["best_test_pct"], single["final_test_pct"], single["best_test_pct_std"]) == ("80.00", "75.00", "")
+    assert (single["seeds"], single["data"], single["trainable_parameters"]) == ("0", "exact-offline", "4961610")
+
+    group = headline["res_512"]
+    assert (group["best_test_pct"], group["best_test_pct_std"]) == mean_std([100 * max(a) for a in SEEDS.values()])
+    assert (group["final_test_pct"], group["final_test_pct_std"]) == mean_std([100 * a[-1] for a in SEEDS.values()])
+    assert group["seeds"] == "0, 1, 2" and group["wall_seconds_per_run"] == "601.00"
+    assert (group["original_best_pct"], group["original_final_pct"]) == ("86.12", "86.07")
+
+    not_run = headline["res_block"]  # its run.json is corrupt: counted by the code, nothing measured
+    assert not_run["budget"] == "not run" and not_run["best_test_pct"] == ""
+    model = model_from_config(EXPERIMENTS["res_block"].config)
+    assert not_run["trainable_parameters"] == "4979498"
+    assert not_run["multiply_adds_per_image"] == str(multiply_adds(model))
+
+
+def test_a_smoke_run_is_kept_out_of_the_headline_rows(built):
+    root, _, _ = built
+    rows = read_csv(root / "out" / "results" / "summary.csv")
+    adam = [row for row in rows if row["experiment"] == "changing_optimisers/adam"]
+    assert [(row["budget"], row["best_test_pct"]) for row in adam] == [("not run", ""), ("smoke", "30.00")]
+    markdown = (root / "out" / "results" / "summary.md").read_text()
+    results, smoke = markdown.split("## Smoke runs")
+    assert "| changing_optimisers/adam |" in results and "30.00" not in results
+    assert "| changing_optimisers/adam |" in smoke and "30.00" in smoke
+    assert "| res_512 |" in results and "± " in results
+
+
+def test_missing_or_malformed_run_folders_are_reported_in_one_line_and_skipped(built):
+    _, _, printed = built
+    skipped = [line for line in printed.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 2
+    assert any(line.startswith("skipped og_resnet:") and "missing" in line for line in skipped)
+    assert any(line.startswith("skipped res_block:") and "not valid JSON" in line for line in skipped)
+
+
+def test_the_pdf_reports_the_runs(built):
+    root, paths, _ = built
+    pdf = root / "out" / REPORT_FILE
+    assert pdf in paths and len(PdfReader(pdf).pages) > 1
+    text = pdf_text(pdf)
+    best, std = mean_std([100 * max(a) for a in SEEDS.values()])
+    for expected in ["res_512_d", "80.00", "75.00", f"{best} ± {std}", "seeds 0, 1, 2",
+                     "changing_optimisers/adam", "Smoke runs", "4,961,610", "published by others",
+                     "python -m common train res_512_d", "python -m common report"]:
+        assert expected in text, expected
+    assert "not run yet" in text  # the sweeps without runs
+    for chart in ["accuracy_vs_params.png", "model_acc.png", "summary.md"]:
+        assert any(path.name == chart for path in paths)
+    readme = (root / "out" / "README.md").read_text()
+    assert "| res_512_d |" in readme and "old" not in readme
+
+
+def test_the_report_command_rebuilds_the_same_bytes(built):
+    root, _, _ = built
+    again = outputs(root / "again")
+    result = cli("report", "--training-dir", root / "training", "--top-dir", again["top_dir"],
+                 "--results-dir", again["results_dir"], "--readme", again["readme"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipped") == 2 and f"wrote {again['top_dir'] / REPORT_FILE}" in result.stdout
+    for name in ["results/summary.csv", "results/summary.md", "results/accuracy_vs_params.png", REPORT_FILE]:
+        assert (root / "again" / name).read_bytes() == (root / "out" / name).read_bytes(), name
+
+
+def test_with_no_runs_the_report_says_so(tmp_path):
+    build_report(tmp_path / "training", **outputs(tmp_path / "out"))
+    text = pdf_text(tmp_path / "out" / REPORT_FILE)
+    assert "No experiment has a full-budget run yet" in text
+    assert "Not shown: none of og_resnet" in text
+    rows = read_csv(tmp_path / "out" / "results" / "summary.csv")
+    assert {row["budget"] for row in rows} == {"not run"} and len(rows) == len(EXPERIMENTS)
