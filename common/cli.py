@@ -36,7 +36,14 @@ def cmd_train(args):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_download:
         overrides["download"] = False
-    train(args.experiment, out_dir=args.out, overwrite=args.overwrite, resume=args.resume, **overrides)
+    if args.val is not None:
+        overrides["val"] = args.val
+    if args.seeds is not None:
+        from .training import train_seeds
+        train_seeds(args.experiment, args.seeds, first_seed=overrides.pop("seed", 0), out_dir=args.out,
+                    overwrite=args.overwrite, resume=args.resume, **overrides)
+    else:
+        train(args.experiment, out_dir=args.out, overwrite=args.overwrite, resume=args.resume, **overrides)
 
 
 def cmd_predict(args):
@@ -120,6 +127,10 @@ def build_parser():
     p.add_argument("--subset", type=int, help="train on N stratified images: a smoke run")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, metavar="K",
+                   help="run seeds SEED..SEED+K-1 into seed<N>/ subfolders and summarise them")
+    p.add_argument("--val", type=int, metavar="N",
+                   help="hold out N training images to evaluate each epoch; test once at the end")
     p.add_argument("--no-download", action="store_true", help="never download; fail if data is missing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, e.g. --set lr=0.05 --set optimizer=adam")

@@ -10,6 +10,7 @@ from typing import Optional
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD_SEED = (0.2023, 0.1994, 0.2010)  # the widely copied values the original study used
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the training set's per-channel standard deviation
 
 
 class UserError(Exception):
@@ -30,20 +31,43 @@ class Config:
     activation: Optional[str] = None  # None: the architecture's own
     dropout: Optional[float] = None  # None: the architecture's own
     softmax_output: bool = False
+    # model options of the CIFAR-style family (models.cifar_resnet); None: the architecture's own
+    widths: Optional[tuple] = None  # channels per stage
+    blocks: Optional[tuple] = None  # residual blocks per stage
+    whiten: Optional[bool] = None  # frozen 2x2 patch-whitening stem
+    squeeze_excitation: Optional[bool] = None
+    preact: Optional[bool] = None  # pre-activation residual blocks
     # optimisation
     epochs: int = 200
     batch_size: int = 128
+    micro_batch: Optional[int] = None  # forward/backward in chunks of this size, gradients summed
     optimizer: str = "sgd"
     lr: float = 0.1
+    lr_batch_size: Optional[int] = None  # lr is the rate at this batch size, scaled linearly to batch_size
     momentum: float = 0.0
+    nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine annealing over the run's epochs, stepped once per epoch
+    decay_norm_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
+    norm_lr_scale: float = 1.0  # BatchNorm parameters learn this much faster (same decay per step)
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"  # see training.SCHEDULES
+    warmup: float = 0.0  # fraction of the run spent warming up (warmup_cosine and triangle schedules)
+    averaging: str = "none"  # none, ema or lookahead: the weights evaluated and saved (training.WeightAverage)
+    ema_decay: float = 0.999  # per step
+    compile: bool = False  # torch.compile the training model
     # augmentation, applied on the training device
     crop_padding: int = 4
+    pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds
     flip: bool = True
+    alternating_flip: bool = False  # flip each image in every other epoch instead of at random
     rotation_degrees: float = 20.0
+    cutout: int = 0  # side of a random square set to the mean colour; 0: none
+    trivial_augment: bool = False  # one random op of random magnitude per image
     mean: tuple = CIFAR10_MEAN
     std: tuple = CIFAR10_STD_SEED
+    # evaluation
+    tta: bool = False  # the final test evaluation averages flipped and shifted views
+    val: int = 0  # hold out N stratified training images to evaluate each epoch; test only at the end
     # data and run
     subset: Optional[int] = None  # N stratified training images: a smoke run
     seed: int = 0
@@ -57,9 +81,24 @@ class Config:
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.micro_batch is None or self.micro_batch >= 1,
+             f"micro_batch must be at least 1, got {self.micro_batch}"),
             (self.subset is None or self.subset >= 10,
              f"subset must be at least 10 images (one per class), got {self.subset}"),
             (self.crop_padding >= 0, f"crop_padding must not be negative, got {self.crop_padding}"),
+            (self.pad_mode in ("zeros", "reflect"), f"pad_mode is zeros or reflect, got {self.pad_mode!r}"),
+            (self.cutout >= 0, f"cutout must not be negative, got {self.cutout}"),
+            (self.averaging in ("none", "ema", "lookahead"),
+             f"averaging is none, ema or lookahead, got {self.averaging!r}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (0.0 <= self.label_smoothing < 1.0,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.warmup < 1, f"warmup must be a fraction of the run in [0, 1), got {self.warmup}"),
+            (not self.nesterov or self.momentum > 0, "nesterov needs a positive momentum"),
+            (self.norm_lr_scale > 0, f"norm_lr_scale must be positive, got {self.norm_lr_scale}"),
+            (self.lr_batch_size is None or self.lr_batch_size >= 1,
+             f"lr_batch_size must be at least 1, got {self.lr_batch_size}"),
+            (self.val >= 0, f"val must not be negative, got {self.val}"),
             (len(self.mean) == 3 and len(self.std) == 3, "mean and std need three values each"),
         ]
         for ok, message in checks:
@@ -75,6 +114,11 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @property
+    def scaled_lr(self):
+        """The learning rate at this run's batch size."""
+        return self.lr * self.batch_size / self.lr_batch_size if self.lr_batch_size else self.lr
 
 
 def parse_setting(config, text):

@@ -200,15 +200,23 @@ def normalize(images, mean, std):
     return (images - mean) / std
 
 
-def augment(images, generator, crop_padding, flip, rotation_degrees):
-    """A batch of uint8 images -> float [0, 1], each with its own random crop (zero padding),
-    horizontal flip and rotation (nearest, zero fill), in the original's order.
+def augment(images, generator, crop_padding, flip, rotation_degrees, pad_mode="zeros", mirror=None):
+    """A batch of uint8 images -> float [0, 1], each with its own random crop (`crop_padding`
+    pixels of zeros or reflected image), horizontal flip and rotation (nearest, zero fill), in
+    the original's order. `mirror`, one bool per image, decides the flips instead of the
+    generator (the alternating flip).
 
-    The three are one affine map per image, so a single grid_sample does them: rotating the
-    flipped crop samples the source at F R^-1 q + t for output position q (F the flip, R the
-    rotation, t the crop offset, integer pixels).
+    Without rotation it is an integer translation (`translate`). With it, the three are one
+    affine map per image, so a single grid_sample does them: rotating the flipped crop samples
+    the source at F R^-1 q + t for output position q (F the flip, R the rotation, t the crop
+    offset, integer pixels).
     """
     n, device = len(images), images.device
+    if not rotation_degrees:
+        x = translate(images.float() / 255, generator, crop_padding, pad_mode)
+        if mirror is None and flip:
+            mirror = torch.rand(n, generator=generator, device=device) < 0.5
+        return x if mirror is None else torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
     size = images.shape[-1]
 
     def uniform(low, high):
@@ -216,9 +224,12 @@ def augment(images, generator, crop_padding, flip, rotation_degrees):
 
     angle = uniform(-rotation_degrees, rotation_degrees) * (math.pi / 180)
     cos, sin = angle.cos(), angle.sin()
-    mirror = torch.ones(n, device=device)
-    if flip:
-        mirror = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -mirror, mirror)
+    if mirror is None:
+        mirror = torch.ones(n, device=device)
+        if flip:
+            mirror = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -mirror, mirror)
+    else:
+        mirror = 1 - 2 * mirror.float()
     shift = torch.randint(-crop_padding, crop_padding + 1, (2, n), generator=generator,
                           device=device).float() * (2 / size)
     theta = torch.stack([
@@ -226,15 +237,134 @@ def augment(images, generator, crop_padding, flip, rotation_degrees):
         torch.stack([-sin, cos, shift[1]], 1),
     ], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images.float() / 255, grid, mode="nearest", padding_mode="zeros",
+    return F.grid_sample(images.float() / 255, grid, mode="nearest",
+                         padding_mode="reflection" if pad_mode == "reflect" else "zeros",
                          align_corners=False)
 
 
+def translate(x, generator, padding, pad_mode="zeros"):
+    """Each image of a float batch shifted by its own random whole number of pixels in
+    [-padding, padding] along each axis: a random crop of the padded image."""
+    if not padding:
+        return x
+    n, size, device = len(x), x.shape[-1], x.device
+    padded = F.pad(x, (padding,) * 4, mode="reflect" if pad_mode == "reflect" else "constant")
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator, device=device)
+    span = torch.arange(size, device=device)
+    rows, cols = (dy + span)[:, None, :, None], (dx + span)[:, None, None, :]
+    return padded[torch.arange(n, device=device)[:, None, None, None],
+                  torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols]
+
+
+def alternating_mirror(seed, size, device):
+    """Per training image, whether it is flipped in even epochs; odd epochs flip the others. Over
+    two epochs every image is seen both ways, which random flips only do on average."""
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    return torch.rand(size, generator=generator, device=device) < 0.5
+
+
+def cutout(x, generator, size):
+    """Each image of a normalised batch gets one `size` x `size` square (centre anywhere in the
+    image, so it may be clipped at the border) set to 0, the mean colour."""
+    n, height, device = len(x), x.shape[-1], x.device
+    centre = torch.randint(0, height, (2, n, 1), generator=generator, device=device)
+    span = torch.arange(height, device=device)
+    start = centre - size // 2
+    inside = (span >= start) & (span < start + size)  # (2, n, height)
+    square = inside[0][:, :, None] & inside[1][:, None, :]
+    return x.masked_fill(square[:, None], 0.0)
+
+
+def _blend(x, other, factor):
+    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp(0, 1)
+
+
+def _grayscale(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _affine(x, matrix):
+    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _affine_op(make):
+    """An op from a function of the signed magnitude giving the rows of a 2x3 affine matrix."""
+    def op(x, m):
+        one, zero = torch.ones_like(m), torch.zeros_like(m)
+        rows = make(m, one, zero)
+        return _affine(x, torch.stack([torch.stack(rows[:3], 1), torch.stack(rows[3:], 1)], 1))
+    return op
+
+
+def _sharpen(x, m):
+    kernel = torch.ones(3, 3, device=x.device)
+    kernel[1, 1] = 5
+    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, 3, 3)
+    smooth = F.conv2d(F.pad(x, (1,) * 4, mode="replicate"), kernel, groups=x.shape[1])
+    return _blend(x, smooth, 1 + 0.9 * m)
+
+
+def _posterize(x, m):
+    step = 2.0 ** (4 * m.abs()).round().view(-1, 1, 1, 1)  # keep 8 down to 4 bits
+    return (x * 255 / step).floor() * step / 255
+
+
+def _autocontrast(x, m):
+    low = x.amin((2, 3), keepdim=True)
+    high = x.amax((2, 3), keepdim=True)
+    return torch.where(high > low, (x - low) / (high - low).clamp_min(1e-6), x)
+
+
+# TrivialAugment's ops on float [0, 1] batches; m is each image's signed magnitude in [-1, 1].
+# Ranges are those of RandAugment/TrivialAugment (standard, not "wide") for 32x32 images.
+POLICY_OPS = {
+    "identity": lambda x, m: x,
+    "brightness": lambda x, m: _blend(x, torch.zeros_like(x), 1 + 0.9 * m),
+    "color": lambda x, m: _blend(x, _grayscale(x), 1 + 0.9 * m),
+    "contrast": lambda x, m: _blend(x, _grayscale(x).mean((1, 2, 3), keepdim=True), 1 + 0.9 * m),
+    "sharpness": _sharpen,
+    "posterize": _posterize,
+    "solarize": lambda x, m: torch.where(x >= 1 - m.abs().view(-1, 1, 1, 1), 1 - x, x),
+    "autocontrast": _autocontrast,
+    "rotate": _affine_op(lambda m, one, zero: (
+        torch.cos(m * math.pi / 6), -torch.sin(m * math.pi / 6), zero,
+        torch.sin(m * math.pi / 6), torch.cos(m * math.pi / 6), zero)),
+    "shear_x": _affine_op(lambda m, one, zero: (one, 0.3 * m, zero, zero, one, zero)),
+    "shear_y": _affine_op(lambda m, one, zero: (one, zero, zero, 0.3 * m, one, zero)),
+    "translate_x": _affine_op(lambda m, one, zero: (one, zero, 0.6 * m, zero, one, zero)),
+    "translate_y": _affine_op(lambda m, one, zero: (one, zero, zero, zero, one, 0.6 * m)),
+}
+
+
+def trivial_augment(x, generator):
+    """TrivialAugment for a float [0, 1] batch: every image gets one op of POLICY_OPS at a
+    magnitude drawn uniformly, with a random sign. Images sharing an op are processed together,
+    so the cost is one pass per op, not per image."""
+    n, device = len(x), x.device
+    op = torch.randint(0, len(POLICY_OPS), (n,), generator=generator, device=device)
+    magnitude = torch.rand(n, generator=generator, device=device)
+    sign = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
+    signed = magnitude * sign
+    out = x.clone()
+    for k, apply in enumerate(POLICY_OPS.values()):
+        chosen = torch.nonzero(op == k).flatten()
+        if len(chosen):
+            out[chosen] = apply(x[chosen], signed[chosen]).clamp(0, 1)
+    return out
+
+
+# Test-time views and their weights: the image and its mirror count for half, the pair shifted
+# one pixel up-left and the pair shifted down-right (reflect padding) for a quarter each.
+TTA_SHIFTS = ((0, 0.5), (-1, 0.25), (1, 0.25))
+
+
 def tta_views(x):
-    """Test-time views of a batch: the images and their mirrors, each also shifted one pixel
-    towards the top left and towards the bottom right (zero fill)."""
-    def shift(images, dy, dx):
-        padded = F.pad(images, (1, 1, 1, 1))
-        return padded[..., 1 + dy:33 + dy, 1 + dx:33 + dx]
-    mirrored = x.flip(-1)
-    return [x, mirrored, *(shift(v, d, d) for v in (x, mirrored) for d in (-1, 1))]
+    """(weight, view) pairs for a normalised batch; the weights sum to 1."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    size = x.shape[-1]
+    views = []
+    for d, weight in TTA_SHIFTS:
+        shifted = padded[..., 1 + d:1 + d + size, 1 + d:1 + d + size]
+        views += [(weight / 2, shifted), (weight / 2, shifted.flip(-1))]
+    return views

@@ -22,9 +22,12 @@ HISTORY_FILES = {
     "test_loss": "test_loss_history.txt",
     "test_acc": "test_acc_history.txt",
 }
+# With --val, the held-out images are evaluated each epoch in place of the test set.
+VALIDATION_FILES = {"val_loss": "val_loss_history.txt", "val_acc": "val_acc_history.txt"}
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
+SEEDS_FILE = "seeds.json"  # a multi-seed group's summary, beside its seed<N>/ folders
 LOCK_FILE = "run.lock"
 
 
@@ -102,8 +105,9 @@ def lock_holder(path):
 
 
 def write_history(folder, history):
-    for key, name in HISTORY_FILES.items():
-        write_atomic(Path(folder) / name, "".join(f"{float(v)!r}\n" for v in history[key]))
+    names = {**HISTORY_FILES, **VALIDATION_FILES}
+    for key, values in history.items():
+        write_atomic(Path(folder) / names[key], "".join(f"{float(v)!r}\n" for v in values))
 
 
 def write_run_info(folder, info):

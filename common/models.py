@@ -1,8 +1,12 @@
 """The architectures, built from three pieces: a stem, residual blocks and a head.
 
-Every architecture is a function in `ARCHITECTURES` taking the same keyword arguments
-(activation, dropout, softmax_output), so experiments can swap any of them; `build_model` is the
-only way the rest of the package makes a model, and it refuses one over the parameter budget.
+Two families: `SeedResNet`, the original study's five networks (ImageNet-style stem), and
+`CifarResNet`, a modern CIFAR-style family (3x3 convs at full resolution, optional frozen
+patch-whitening stem, squeeze-excitation, pre-activation) behind `fast94` and `best_5m`.
+Every architecture is a function in `ARCHITECTURES`; all take activation, dropout and
+softmax_output, and a family's own options (widths, blocks, ...) where it has them. `build_model`
+is the only way the rest of the package makes a model, and it refuses one over the parameter
+budget.
 """
 import inspect
 from functools import partial
@@ -110,7 +114,138 @@ def res_block(activation="relu", dropout=0.0, softmax_output=False):
                       activation=activation, dropout=dropout, softmax_output=softmax_output)
 
 
-ARCHITECTURES = {f.__name__: f for f in (og_resnet, og_64_resnet, res_512, res_512_d, res_block)}
+class PatchWhitening(nn.Module):
+    """A frozen 2x2 convolution whose filters whiten the training images' 2x2 patches (the
+    eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), each also negated so a
+    following activation keeps both signs); only its bias trains. Until `fit` sees the images it
+    is the identity-free default init, so a model loaded from weights needs no data."""
+
+    def __init__(self, channels=3, patch=2):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels * patch * patch, patch, padding=0)
+        self.conv.weight.requires_grad_(False)
+        self.out_channels = self.conv.out_channels
+
+    @torch.no_grad()
+    def fit(self, images, eps=5e-4):
+        """`images`: normalised float (N, C, H, W) training images."""
+        c, k = self.conv.in_channels, self.conv.kernel_size[0]
+        patches = images.double().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        patches = patches - patches.mean(0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(-1, c, k, k)
+        self.conv.weight.copy_(torch.cat([filters, -filters]).to(self.conv.weight))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gates from the globally pooled features (reduction 16, at least 8 hidden)."""
+
+    def __init__(self, channels, activation):
+        super().__init__()
+        hidden = max(8, channels // 16)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1),
+                                  activation_layer(activation), nn.Conv2d(hidden, channels, 1),
+                                  nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.gate(x)
+
+
+def norm(channels):
+    """BatchNorm with a bias but no trainable scale (the following conv or ReLU-like unit makes
+    the scale redundant), fast-moving running statistics (momentum 0.4) for short runs."""
+    layer = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+def conv3x3(cin, cout):
+    """A 3x3 conv whose first min(cin, cout) filters start as the identity (Dirac), so a deep
+    stack begins close to passing its input through."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(cin, cout)])
+    return conv
+
+
+class CifarBlock(nn.Module):
+    """x + body(x), body two 3x3 convs: post-activation conv-BN-act-conv-BN-act, or with `preact`
+    BN-act-conv-BN-act-conv; optional dropout after the first activation and squeeze-excitation
+    at the end of the body."""
+
+    def __init__(self, channels, activation, dropout, squeeze_excitation, preact):
+        super().__init__()
+        act = lambda: activation_layer(activation)  # noqa: E731
+        drop = [nn.Dropout(dropout)] if dropout else []
+        if preact:
+            layers = [norm(channels), act(), *drop, conv3x3(channels, channels), norm(channels), act(),
+                      conv3x3(channels, channels)]
+        else:
+            layers = [conv3x3(channels, channels), norm(channels), act(), *drop,
+                      conv3x3(channels, channels), norm(channels), act()]
+        if squeeze_excitation:
+            layers.append(SqueezeExcitation(channels, activation))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style residual network: a stem at full resolution (frozen 2x2 patch whitening, or a
+    3x3 conv-BN-act), then per stage a 3x3 conv, 2x2 max-pool, BN, activation and `blocks[i]`
+    residual blocks of width `widths[i]`; global max-pool, a bias-free linear layer whose logits
+    are scaled by `logit_scale` (small logits early make the start of training stable)."""
+
+    def __init__(self, widths, blocks, whiten=True, squeeze_excitation=False, preact=False,
+                 activation="gelu", dropout=0.0, softmax_output=False, logit_scale=1 / 9,
+                 num_classes=10):
+        super().__init__()
+        if len(widths) != len(blocks) or not widths:
+            raise UserError(f"widths and blocks need one entry per stage, got {list(widths)} and "
+                            f"{list(blocks)}")
+        if whiten:
+            self.stem = nn.Sequential(PatchWhitening(), activation_layer(activation))
+            cin = self.stem[0].out_channels
+        else:
+            self.stem = nn.Sequential(conv3x3(3, widths[0]), norm(widths[0]), activation_layer(activation))
+            cin = widths[0]
+        stages = []
+        for width, count in zip(widths, blocks):
+            stages.append(nn.Sequential(
+                conv3x3(cin, width), nn.MaxPool2d(2), norm(width), activation_layer(activation),
+                *(CifarBlock(width, activation, dropout, squeeze_excitation, preact)
+                  for _ in range(count))))
+            cin = width
+        self.stages = nn.Sequential(*stages)
+        tail = [norm(cin), activation_layer(activation)] if preact else []
+        self.head = nn.Sequential(*tail, nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                                  nn.Linear(cin, num_classes, bias=False))
+        self.logit_scale = logit_scale
+        self.softmax_output = softmax_output
+
+    def fit_to_images(self, images):
+        """Initialisation that needs the training data: the whitening filters."""
+        if isinstance(self.stem[0], PatchWhitening):
+            self.stem[0].fit(images)
+
+    def forward(self, x):
+        logits = self.head(self.stages(self.stem(x))) * self.logit_scale
+        return logits.softmax(dim=1) if self.softmax_output else logits
+
+
+def cifar_resnet(widths=(64, 256, 256), blocks=(1, 1, 1), whiten=True, squeeze_excitation=False,
+                 preact=False, activation="gelu", dropout=0.0, softmax_output=False):
+    return CifarResNet(tuple(widths), tuple(blocks), whiten, squeeze_excitation, preact, activation,
+                       dropout, softmax_output)
+
+
+ARCHITECTURES = {f.__name__: f for f in (og_resnet, og_64_resnet, res_512, res_512_d, res_block,
+                                         cifar_resnet)}
 
 
 def count_parameters(model):
@@ -133,17 +268,22 @@ def build_model(architecture, **options):
     return model
 
 
-MODEL_OPTIONS = ("activation", "dropout", "softmax_output")
+MODEL_OPTIONS = ("activation", "dropout", "softmax_output", "widths", "blocks", "whiten",
+                 "squeeze_excitation", "preact")
 
 
 def model_options(config):
     """The options a config's model is built with: its own values, the architecture's defaults
-    where it leaves them None (res_512_d's default activation is LeakyReLU, say)."""
+    where it leaves them None (res_512_d's default activation is LeakyReLU, say). Setting an
+    option the architecture does not have is an error."""
     if config.architecture not in ARCHITECTURES:
         raise UserError(f"unknown architecture {config.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     defaults = inspect.signature(ARCHITECTURES[config.architecture]).parameters
+    foreign = [k for k in MODEL_OPTIONS if k not in defaults and getattr(config, k) is not None]
+    if foreign:
+        raise UserError(f"{config.architecture} has no option {', '.join(foreign)}")
     return {k: defaults[k].default if getattr(config, k) is None else getattr(config, k)
-            for k in MODEL_OPTIONS}
+            for k in MODEL_OPTIONS if k in defaults}
 
 
 def model_from_config(config):

@@ -10,18 +10,19 @@ from .experiments import EXPERIMENTS, TRAINING_DIR
 
 PARAMETERS = '''\
 epochs = None  # None: the experiment's own ({epochs})
-batch_size = 128
+batch_size = None  # None: the experiment's own ({batch_size})
 data_dir = None  # None: <repository>/data, downloaded there if missing
 out_dir = None  # None: this notebook's folder
 device = "auto"  # auto, cpu, cuda, cuda:N
 subset = None  # N stratified training images: a smoke run, kept out of results
-seed = 0'''
+seed = 0
+settings = {{}}  # any other Config field, e.g. {{"lr": 0.05, "micro_batch": 256}}'''
 
 TRAIN = '''\
 import common
 
 run = common.train("{name}", epochs=epochs, batch_size=batch_size, data_dir=data_dir,
-                   out_dir=out_dir, device=device, subset=subset, seed=seed)'''
+                   out_dir=out_dir, device=device, subset=subset, seed=seed, **settings)'''
 
 SUMMARY = '''\
 print(run.summary())
@@ -108,8 +109,9 @@ PREDICT_NOTEBOOK = TRAINING_DIR / "predict" / "predict.ipynb"
 def all_notebooks():
     """(path, notebook) for every notebook this module writes."""
     for exp in EXPERIMENTS.values():
-        yield notebook_path(exp), notebook(exp.name, intro(exp), PARAMETERS.format(epochs=exp.config.epochs),
-                                           TRAIN.format(name=exp.name), SUMMARY, PLOT)
+        parameters = PARAMETERS.format(epochs=exp.config.epochs, batch_size=exp.config.batch_size)
+        yield notebook_path(exp), notebook(exp.name, intro(exp), parameters, TRAIN.format(name=exp.name),
+                                           SUMMARY, PLOT)
     yield PREDICT_NOTEBOOK, notebook("predict", PREDICT_INTRO, PREDICT_PARAMETERS, PREDICT, PREDICT_GRID)
 
 

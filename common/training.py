@@ -7,7 +7,9 @@ checkpoint); `run_epochs` then, epoch by epoch, steps through a permutation of t
 and rewrites the history files, run.json and checkpoint.
 """
 import contextlib
+import copy
 import datetime
+import json
 import math
 import platform
 import random
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,27 +31,48 @@ from . import data as cifar
 from .config import Config, UserError
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
-from .history import (CHECKPOINT_FILE, HISTORY_FILES, WEIGHTS_FILE, RunFolderError, load_checkpoint,
-                      read_run_info, run_lock, save_tensors, write_history, write_run_info)
+from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
+                      read_run_info, run_lock, save_tensors, write_atomic, write_history, write_run_info)
 from .models import count_parameters, model_from_config, model_options, multiply_adds
 
 EVAL_BATCH_SIZE = 500
 
+# Each takes parameter groups that carry their own lr and weight_decay (see parameter_groups).
 OPTIMIZERS = {
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
-                                             weight_decay=c.weight_decay),
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
-    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
-    "adadelta": lambda params, c: torch.optim.Adadelta(params, lr=c.lr, weight_decay=c.weight_decay),
-    "rmsprop": lambda params, c: torch.optim.RMSprop(params, lr=c.lr, momentum=c.momentum,
-                                                     weight_decay=c.weight_decay),
-    "adagrad": lambda params, c: torch.optim.Adagrad(params, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda groups, c: torch.optim.SGD(groups, momentum=c.momentum, nesterov=c.nesterov),
+    "adam": lambda groups, c: torch.optim.Adam(groups),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups),
+    "adadelta": lambda groups, c: torch.optim.Adadelta(groups),
+    "rmsprop": lambda groups, c: torch.optim.RMSprop(groups, momentum=c.momentum),
+    "adagrad": lambda groups, c: torch.optim.Adagrad(groups),
 }
 
+
+def cosine(t, warmup):
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def warmup_cosine(t, warmup):
+    if t < warmup:
+        return t / warmup
+    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
+
+
+def triangle(t, warmup, start=0.2, end=0.07):
+    """Linear from `start` up to 1 at the end of the warm-up, then linear down to `end`."""
+    if t < warmup:
+        return start + (1 - start) * t / warmup
+    return 1 - (1 - end) * (t - warmup) / (1 - warmup)
+
+
+# name: (stepped once per "epoch" or per "step", multiplier of the learning rate at the fraction t
+# of the run done, given the warm-up's fraction of the run). The seed's cosine is stepped per epoch,
+# as CosineAnnealingLR(T_max=epochs) was.
 SCHEDULES = {
-    # multiplier of the base learning rate for epoch e of E (0-based), as CosineAnnealingLR(T_max=E)
-    "cosine": lambda e, epochs: 0.5 * (1 + math.cos(math.pi * e / epochs)),
-    "constant": lambda e, epochs: 1.0,
+    "cosine": ("epoch", cosine),
+    "constant": ("epoch", lambda t, warmup: 1.0),
+    "warmup_cosine": ("step", warmup_cosine),
+    "triangle": ("step", triangle),
 }
 
 
@@ -56,17 +80,73 @@ class TrainingError(UserError):
     """The run cannot go on (for example a non-finite loss); its folder keeps the epochs before."""
 
 
+def parameter_groups(model, config):
+    """The trainable parameters in three groups: BatchNorm parameters (learning `norm_lr_scale`
+    times faster, their weight decay divided by as much so that the decay per step is unchanged),
+    other biases, and weights; BatchNorm and biases are not decayed unless `decay_norm_and_bias`."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr, decay = config.scaled_lr, config.weight_decay
+    small_decay = decay if config.decay_norm_and_bias else 0.0
+    groups = [
+        {"params": [p for p in trainable if id(p) in norm_ids], "lr": lr * config.norm_lr_scale,
+         "weight_decay": small_decay / config.norm_lr_scale},
+        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim <= 1], "lr": lr,
+         "weight_decay": small_decay},
+        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim > 1], "lr": lr,
+         "weight_decay": decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model, config):
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[config.optimizer](model.parameters(), config)
+    return OPTIMIZERS[config.optimizer](parameter_groups(model, config), config)
 
 
-def make_schedule(optimizer, config):
+def make_schedule(optimizer, config, steps_per_epoch):
+    """A LambdaLR stepped once per epoch or once per training step, as SCHEDULES says."""
     if config.schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
-    multiplier = SCHEDULES[config.schedule]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: multiplier(e, config.epochs))
+    unit, multiplier = SCHEDULES[config.schedule]
+    total = config.epochs * (steps_per_epoch if unit == "step" else 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: multiplier(min(i / total, 1.0), config.warmup))
+
+
+class WeightAverage:
+    """A moving average of the model's floating-point state (weights and BatchNorm statistics),
+    the copy that is evaluated and saved.
+
+    "ema": updated after every step with decay min(ema_decay, (1 + n) / (10 + n)), so early
+    weights are forgotten quickly. "lookahead": every LOOKAHEAD_EVERY steps, with a decay growing
+    as the cube of the fraction of the run done (none at first, ema_decay**LOOKAHEAD_EVERY at the
+    end), and the training model jumps back to the average each time.
+    """
+
+    LOOKAHEAD_EVERY = 5
+
+    def __init__(self, model, mode, decay, total_steps):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.mode, self.decay, self.total_steps = mode, decay, total_steps
+
+    @torch.no_grad()
+    def update(self, model, steps_done):
+        if self.mode == "lookahead":
+            if steps_done % self.LOOKAHEAD_EVERY and steps_done < self.total_steps:
+                return
+            decay = self.decay ** self.LOOKAHEAD_EVERY * (steps_done / self.total_steps) ** 3
+        else:
+            decay = min(self.decay, (1 + steps_done) / (10 + steps_done))
+        for average, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(live, 1 - decay)
+                if self.mode == "lookahead":
+                    live.copy_(average)
+            else:
+                average.copy_(live)
 
 
 def resolve_device(name):
@@ -118,33 +198,48 @@ class Run:
     history: dict
     info: dict
 
+    @property
+    def final_test_acc(self):
+        """The test accuracy the run ends with: its final evaluation's (with test-time
+        augmentation, or the only test evaluation of a --val run) where there is one, else the
+        last epoch's."""
+        final = self.info.get("final_evaluation")
+        return final["test_acc"] if final else self.history["test_acc"][-1]
+
     def summary(self):
-        acc = self.history["test_acc"]
+        evaluated = "val" if "val_acc" in self.history else "test"
+        acc = self.history[f"{evaluated}_acc"]
         if not acc:
             return f"{self.info['experiment']}: no finished epoch"
         best = max(range(len(acc)), key=acc.__getitem__)
-        return (f"{self.info['experiment']}: final test accuracy {100 * acc[-1]:.2f}% after "
-                f"{len(acc)} epoch(s), best {100 * acc[best]:.2f}% at epoch {best + 1}; "
+        text = (f"{self.info['experiment']}: final {evaluated} accuracy {100 * acc[-1]:.2f}% after "
+                f"{len(acc)} epoch(s), best {100 * acc[best]:.2f}% at epoch {best + 1}")
+        final = self.info.get("final_evaluation")
+        if final:
+            text += (f"; test accuracy {100 * final['test_acc']:.2f}%"
+                     f"{' with test-time augmentation' if final['tta'] else ''} ({final['weights']} weights)")
+        seen = len(acc) * self.info["data"]["train_images"]
+        return (f"{text}; {self.info['training_flops_per_image'] * seen / 1e15:.3f} PFLOP of training; "
                 f"{self.info['data']['variant']} data, {self.info['device']['name']}, "
                 f"{self.info['wall_seconds']:.0f} s -> {self.folder}")
 
 
 def batched_logits(model, images, config, autocast, tta=False):
     """Float logits (N, 10) for uint8 images, in eval mode, EVAL_BATCH_SIZE at a time; with `tta`,
-    the mean over the views of data.tta_views."""
+    the weighted mean over the views of data.tta_views."""
     model.eval()
     outputs = []
     with torch.no_grad(), autocast:
         for start in range(0, len(images), EVAL_BATCH_SIZE):
             x = cifar.normalize(images[start:start + EVAL_BATCH_SIZE], config.mean, config.std)
-            views = cifar.tta_views(x) if tta else [x]
-            outputs.append(torch.stack([model(prepare(v)).float() for v in views]).mean(0))
+            views = cifar.tta_views(x) if tta else [(1.0, x)]
+            outputs.append(sum(w * model(prepare(v)).float() for w, v in views))
     return torch.cat(outputs)
 
 
-def evaluate(model, images, labels, config, autocast):
-    """Mean loss and accuracy per image over the whole set (no augmentation)."""
-    output = batched_logits(model, images, config, autocast)
+def evaluate(model, images, labels, config, autocast, tta=False):
+    """Mean loss and accuracy per image over the whole set (no augmentation but `tta`'s views)."""
+    output = batched_logits(model, images, config, autocast, tta)
     loss = F.cross_entropy(output, labels, reduction="sum").item() / len(images)
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
@@ -173,6 +268,27 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
         cluster.close()
 
 
+def train_seeds(experiment, seeds, first_seed=0, out_dir=None, **kwargs):
+    """`train` once per seed first_seed, first_seed + 1, ... into seed<N>/ subfolders of the
+    experiment's folder (or `out_dir`), then write seeds.json there: each seed's final test
+    accuracy and their mean and standard deviation. Returns the runs."""
+    if seeds < 1:
+        raise UserError(f"seeds must be at least 1, got {seeds}")
+    folder = Path(out_dir) if out_dir is not None else get_experiment(experiment).folder
+    runs = [train(experiment, out_dir=folder / f"seed{seed}", seed=seed, **kwargs)
+            for seed in range(first_seed, first_seed + seeds)]
+    accuracies = [run.final_test_acc for run in runs]
+    mean = sum(accuracies) / len(accuracies)
+    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else 0.0
+    summary = {"experiment": experiment, "seeds": [run.config.seed for run in runs],
+               "final_test_acc": accuracies, "mean": mean, "std": std,
+               "folders": [str(run.folder) for run in runs]}
+    write_atomic(folder / SEEDS_FILE, json.dumps(summary, indent=2) + "\n")
+    print(f"{experiment} over {len(runs)} seed(s): final test accuracy {100 * mean:.2f}% ± "
+          f"{100 * std:.2f} (sample std) -> {folder / SEEDS_FILE}")
+    return runs
+
+
 @dataclass
 class TrainingRun:
     """Everything a run holds while it trains; a checkpoint is a snapshot of it."""
@@ -185,10 +301,22 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     generators: dict  # "shuffle": the same on every rank; "augment": this rank's own
-    data: cifar.Cifar10
+    data: cifar.Cifar10  # with `val`, its test images are the held-out training images
+    test: tuple  # (images, labels) of the test set proper
     history: dict
     info: dict
     position: dict
+    average: WeightAverage = None
+    mirror: torch.Tensor = None  # alternating flip: which images are flipped in even epochs
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(len(self.data.train_labels) / self.config.batch_size)
+
+    @property
+    def eval_model(self):
+        """The weights evaluated and saved: the average where there is one."""
+        return self.average.model if self.average is not None else self.model
 
     def write_files(self):
         if self.cluster.is_main:
@@ -200,11 +328,14 @@ class TrainingRun:
             save_tensors(self.folder / CHECKPOINT_FILE, {
                 "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "average": self.average.model.state_dict() if self.average is not None else None,
                 "rng": rng_states(self.generators), "position": dict(self.position),
                 "history": self.history, "info": self.info})
 
     def restore(self, checkpoint):
         self.model.load_state_dict(checkpoint["model"])
+        if self.average is not None:
+            self.average.model.load_state_dict(checkpoint["average"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["schedule"])
         restore_rng_states(checkpoint["rng"], self.generators)
@@ -229,24 +360,55 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
         refuse_to_replace_full_run(folder, full_budget, overwrite)
     if config.subset is not None:
         data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
+    test = (data.test_images.to(device), data.test_labels.to(device))
+    if config.val:
+        data = hold_out(data, config.val, config.seed)
     data = data.to(device)
 
     torch.manual_seed(config.seed)
     model = model_from_config(config).to(device)
+    if hasattr(model, "fit_to_images"):
+        model.fit_to_images(cifar.normalize(data.train_images[:5000], config.mean, config.std))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     train_model, model = cluster.wrap(model, config.sync_batchnorm)
+    if config.compile:
+        train_model = torch.compile(train_model)
     optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     run = TrainingRun(exp, config, folder, cluster, model, train_model, optimizer,
-                      make_schedule(optimizer, config), make_generators(config.seed, cluster.rank, device),
-                      data, {key: [] for key in HISTORY_FILES}, {}, epoch_start_position(0))
+                      make_schedule(optimizer, config, steps_per_epoch),
+                      make_generators(config.seed, cluster.rank, device),
+                      data, test, empty_history(config), {}, epoch_start_position(0))
+    if config.averaging != "none":
+        run.average = WeightAverage(model, config.averaging, config.ema_decay,
+                                    config.epochs * steps_per_epoch)
+    if config.alternating_flip:
+        run.mirror = cifar.alternating_mirror(config.seed, len(data.train_labels), device)
     if checkpoint is None:
         run.info = describe_run(run, device, full_budget)
     else:
         run.restore(checkpoint)
     run.write_files()
     return run
+
+
+def empty_history(config):
+    evaluated = "val" if config.val else "test"
+    return {key: [] for key in ("train_loss", "train_acc", f"{evaluated}_loss", f"{evaluated}_acc")}
+
+
+def hold_out(data, count, seed):
+    """The data with `count` stratified training images moved out of training into the set
+    evaluated each epoch (in place of the test set)."""
+    held = cifar.stratified_subset(data.train_labels, count, seed)
+    keep = torch.ones(len(data.train_labels), dtype=torch.bool)
+    keep[held] = False
+    if not keep.any():
+        raise UserError(f"val {count} leaves no training images")
+    return dataclasses.replace(data, train_images=data.train_images[keep], train_labels=data.train_labels[keep],
+                               test_images=data.train_images[held], test_labels=data.train_labels[held])
 
 
 def make_generators(seed, rank, device):
@@ -288,9 +450,10 @@ def run_epochs(run):
             info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         raise
     else:
+        info["final_evaluation"] = final_evaluation(run, autocast)
         info["status"] = "complete"
         if run.cluster.is_main:
-            save_tensors(run.folder / WEIGHTS_FILE, run.model.state_dict())
+            save_tensors(run.folder / WEIGHTS_FILE, run.eval_model.state_dict())
     finally:
         progress.close()
         info["finished"] = now()
@@ -309,13 +472,14 @@ def finish_epoch(run, autocast, epoch_start, session_start, progress):
     seen = run.cluster.sum(torch.tensor([position["seen"]], device=position["loss_sum"].device))
     train_loss = run.cluster.sum(position["loss_sum"].clone()).item() / seen.item()
     train_acc = run.cluster.sum(position["correct"].clone()).item() / seen.item()
-    test_loss, test_acc = evaluate(run.model, run.data.test_images, run.data.test_labels, run.config,
-                                   autocast)
+    test_loss, test_acc = evaluate(run.eval_model, run.data.test_images, run.data.test_labels,
+                                   run.config, autocast)
     if not math.isfinite(test_loss):
-        raise TrainingError(f"test loss became {test_loss} in epoch {position['epoch'] + 1}; "
+        raise TrainingError(f"evaluation loss became {test_loss} in epoch {position['epoch'] + 1}; "
                             f"{run.folder} keeps the {position['epoch']} epoch(s) before")
-    run.schedule.step()
-    for key, value in zip(HISTORY_FILES, (train_loss, train_acc, test_loss, test_acc)):
+    if SCHEDULES[run.config.schedule][0] == "epoch":
+        run.schedule.step()
+    for key, value in zip(history, (train_loss, train_acc, test_loss, test_acc)):
         history[key].append(value)
     info["epochs_done"] = len(history["test_acc"])
     info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
@@ -326,9 +490,22 @@ def finish_epoch(run, autocast, epoch_start, session_start, progress):
     run.write_files()
     progress.set_postfix_str(f"test acc {100 * test_acc:.2f}%", refresh=False)
     if run.cluster.is_main:
+        evaluated = "val" if run.config.val else "test"
         progress.write(f"{run.exp.name} epoch {info['epochs_done']}/{run.config.epochs}: train loss "
-                       f"{train_loss:.4f} acc {100 * train_acc:.2f}% | test loss {test_loss:.4f} "
+                       f"{train_loss:.4f} acc {100 * train_acc:.2f}% | {evaluated} loss {test_loss:.4f} "
                        f"acc {100 * test_acc:.2f}% | {info['epoch_seconds'][-1]:.1f} s")
+
+
+def final_evaluation(run, autocast):
+    """The test set once more with the final (or averaged) weights, where the per-epoch figures do
+    not already say it all: after a --val run (the test set's only evaluation) or with tta."""
+    config = run.config
+    if not (config.val or config.tta):
+        return None
+    loss, acc = evaluate(run.eval_model, *run.test, config, autocast, tta=config.tta)
+    weights = "averaged (" + config.averaging + ")" if run.average is not None else "final"
+    return {"test_loss": loss, "test_acc": acc, "tta": config.tta, "weights": weights,
+            "test_images": len(run.test[1])}
 
 
 def describe_run(run, device, full_budget):
@@ -341,9 +518,13 @@ def describe_run(run, device, full_budget):
         "model": model_options(config),
         "trainable_parameters": count_parameters(run.model),
         "multiply_adds_per_image": multiply_adds(run.model),
+        "training_flops_per_image": training_flops_per_image(run.model, config),
+        "evaluated_each_epoch": (f"validation: {config.val} held-out training images" if config.val
+                                 else "test set"),
         "budget": "full" if full_budget else "smoke",
         "data": {"folder": str(run.data.folder), "variant": run.data.variant,
-                 "train_images": len(run.data.train_labels), "test_images": len(run.data.test_labels)},
+                 "train_images": len(run.data.train_labels), "test_images": len(run.test[1]),
+                 "val_images": config.val},
         "device": {"type": device.type, "name": device_name(device)},
         "world_size": run.cluster.world_size,
         "torch": str(torch.__version__),
@@ -359,6 +540,18 @@ def describe_run(run, device, full_budget):
         "train_images_per_second": [],
         "wall_seconds": 0.0,
     }
+
+
+def training_flops_per_image(model, config):
+    """FLOPs of one training step's forward and backward pass per image, counted by torch's FLOP
+    counter on a copy of the model (so its BatchNorm statistics stay untouched)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    clone = copy.deepcopy(model).train()
+    x = torch.randn(2, 3, 32, 32, device=next(clone.parameters()).device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(clone(x).float(), torch.zeros(2, dtype=torch.long, device=x.device)).backward()
+    return counter.get_total_flops() // 2
 
 
 def epoch_start_position(epoch):
@@ -388,21 +581,19 @@ def train_one_epoch(run, autocast, progress, stop):
         if run.cluster.any(stop.signal is not None):
             return False
         index = run.cluster.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
-        x = cifar.augment(images[index], generators["augment"], config.crop_padding, config.flip,
-                          config.rotation_degrees)
-        x = prepare(cifar.normalize(x, config.mean, config.std))
+        x = prepare(augmented_batch(run, images, index))
         y = labels[index]
-        with autocast:
-            output = run.train_model(x)
-            loss = F.cross_entropy(output.float(), y)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        output, loss = forward_backward(run.train_model, x, y, config, autocast)
         run.optimizer.step()
-        loss = loss.detach()
+        if SCHEDULES[config.schedule][0] == "step":
+            run.schedule.step()
+        if run.average is not None:
+            run.average.update(run.model, position["epoch"] * steps + step + 1)
         position["first_bad_step"] = torch.where((position["first_bad_step"] < 0) & ~loss.isfinite(),
                                                  step, position["first_bad_step"])
         position["loss_sum"] += loss * len(index)
-        position["correct"] += (output.detach().argmax(1) == y).sum()
+        position["correct"] += (output.argmax(1) == y).sum()
         position["seen"] += len(index)
         position["step"] = step + 1
         progress.update(1)
@@ -410,6 +601,35 @@ def train_one_epoch(run, autocast, progress, stop):
             last_report = time.monotonic()
             report_progress(progress, position)
     return not run.cluster.any(stop.signal is not None)
+
+
+def forward_backward(model, x, y, config, autocast):
+    """Logits and mean loss of a batch, its gradients accumulated in the parameters. With
+    `micro_batch`, in chunks (the same gradient but for BatchNorm, which sees each chunk's
+    statistics): big batches can run faster that way where caches are small, as on CPUs."""
+    outputs, total = [], 0.0
+    for xc, yc in zip(x.split(config.micro_batch or len(x)), y.split(config.micro_batch or len(y))):
+        with autocast:
+            output = model(xc)
+            loss = F.cross_entropy(output.float(), yc, label_smoothing=config.label_smoothing)
+        (loss * (len(yc) / len(y))).backward()
+        outputs.append(output.detach())
+        total = total + loss.detach() * (len(yc) / len(y))
+    return torch.cat(outputs), total
+
+
+def augmented_batch(run, images, index):
+    """The training images at `index`, augmented as the config says and normalised."""
+    config, generator = run.config, run.generators["augment"]
+    mirror = None
+    if run.mirror is not None:
+        mirror = run.mirror[index] ^ bool(run.position["epoch"] % 2)
+    x = cifar.augment(images[index], generator, config.crop_padding, config.flip,
+                      config.rotation_degrees, config.pad_mode, mirror)
+    if config.trivial_augment:
+        x = cifar.trivial_augment(x, generator)
+    x = cifar.normalize(x, config.mean, config.std)
+    return cifar.cutout(x, generator, config.cutout) if config.cutout else x
 
 
 def report_progress(progress, position):

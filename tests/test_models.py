@@ -23,8 +23,8 @@ def test_parameter_counts_match_the_original(name):
     assert count_parameters(build_model(name)) == SEED_PARAMETERS[name]
 
 
-def test_registry_holds_exactly_the_five():
-    assert set(ARCHITECTURES) == set(SEED_PARAMETERS)
+def test_registry_holds_the_five_and_the_cifar_family():
+    assert set(ARCHITECTURES) == set(SEED_PARAMETERS) | {"cifar_resnet"}
 
 
 @pytest.mark.parametrize("name", SEED_PARAMETERS)

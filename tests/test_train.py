@@ -89,7 +89,7 @@ def test_seed_sgd_has_no_momentum_and_no_weight_decay():
 def test_cosine_schedule_matches_cosine_annealing_over_the_run():
     ours = make_optimizer(nn.Linear(2, 2), Config())
     theirs = make_optimizer(nn.Linear(2, 2), Config())
-    schedule = make_schedule(ours, Config(epochs=10))
+    schedule = make_schedule(ours, Config(epochs=10), steps_per_epoch=7)
     reference = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=10)
     for _ in range(10):
         assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], abs=1e-12)
