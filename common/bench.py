@@ -28,8 +28,8 @@ from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
 from .models import model_from_config
-from .training import (device_name, epoch_start_position, make_optimizer, prepare, resolve_device,
-                       start_run, train_one_epoch)
+from .training import (autocast_for, device_name, epoch_start_position, make_optimizer, prepare,
+                       resolve_device, start_run, train_one_epoch)
 
 BENCH_DIR = REPO_ROOT / "results" / "bench"
 MODES = ("limit", "ours", "seed-style")
@@ -59,7 +59,7 @@ def model_and_step(config, device):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
 
     def step(x, y):
         with autocast:
@@ -89,7 +89,7 @@ def measure_ours(experiment, config, device, steps, repeats):
     with tempfile.TemporaryDirectory() as folder:
         run = start_run(get_experiment(experiment), config, Path(folder), device, Cluster(),
                         overwrite=True, resume=False)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        autocast = autocast_for(device)
         progress = tqdm(total=(repeats + 1) * steps, desc=f"bench {experiment} (ours)", leave=False)
 
         def one_epoch():

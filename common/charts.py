@@ -24,7 +24,9 @@ def group_members(group):
 
 
 ARCHITECTURES = group_members("architectures")
+BEYOND = group_members("beyond")
 TRAIN_VS_TEST = ["res_512", "res_512_d"]  # the original study's train-vs-test pair
+EQUAL_EPOCHS = ("fast94", "res_512_d")  # fast94 against the original's best at its epochs
 
 
 @dataclass
@@ -134,6 +136,41 @@ def train_vs_test_chart(runs, names, path):
     save(fig, path)
 
 
+def equal_epochs_runs(runs, checks):
+    """(label, run) for fast94's run and every res_512_d check of as many epochs on the same data
+    and device; empty unless both exist."""
+    fast, baseline = EQUAL_EPOCHS
+    run = runs.get(fast)
+    if run is None:
+        return []
+    matched = [(f"{baseline} ({name})", check) for name, check in checks if check.name == baseline
+               and len(check.history["test_acc"]) == len(run.history["test_acc"])
+               and (check.variant, check.device) == (run.variant, run.device)]
+    return [(fast, run)] + matched if matched else []
+
+
+def equal_epochs_chart(runs, checks, path):
+    """fast94's test accuracy beside res_512_d's at equal training length, each with its own
+    schedule: the modern recipe against the original one."""
+    fast, baseline = EQUAL_EPOCHS
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.subplots()
+    shown = equal_epochs_runs(runs, checks)
+    if not shown:
+        ax.text(0.5, 0.5, f"needs a {fast} run and a {baseline} check of as many epochs\non the same "
+                "data and device", ha="center", va="center", transform=ax.transAxes, color="grey")
+    for label, run in shown:
+        values = [100 * v for v in run.history["test_acc"]]
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=f"{label}: {run.provenance}")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"{fast} against {baseline} at equal epochs (each with its own schedule)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if shown:
+        ax.legend(fontsize=8, loc="lower right")
+    save(fig, path)
+
+
 def plot_accuracy(ax, history):
     epochs = range(1, len(history["test_acc"]) + 1)
     ax.plot(epochs, [100 * v for v in history["train_acc"]], label="train")
@@ -193,13 +230,22 @@ def summary_rows(runs):
         run = runs.get(name)
         published = published_text(exp)
         if run is None:
-            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published])
+            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published, "-"])
             continue
         acc = run.history["test_acc"]
         rows.append([name, f"{run.info.get('trainable_parameters', 0):,}",
                      run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
-                     run.info.get("seed", "?"), f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published])
+                     run.info.get("seed", "?"), f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published,
+                     final_evaluation_text(run.info)])
     return rows
+
+
+def final_evaluation_text(info):
+    """The test accuracy of a run's final evaluation, e.g. '94.12 (TTA)', or '-' without one."""
+    final = info.get("final_evaluation")
+    if not final:
+        return "-"
+    return f"{100 * final['test_acc']:.2f}" + (" (TTA)" if final["tta"] else "")
 
 
 def published_text(exp):
@@ -208,7 +254,7 @@ def published_text(exp):
 
 
 SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seed",
-                   "best test %", "final test %", "original study %"]
+                   "best test %", "final test %", "original study %", "end-of-run test %"]
 
 
 def summary_table(runs, path):
@@ -244,6 +290,7 @@ def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULT
     block when `readme` is given. Returns the paths written."""
     runs = collect_runs(training_dir) if runs is None else runs
     top_dir, results_dir = Path(top_dir), Path(results_dir)
+    checks = collect_checks(results_dir / "checks")
     activations = group_members("changing_activations")
     optimisers = group_members("changing_optimisers")
     jobs = [
@@ -256,12 +303,15 @@ def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULT
         (curves_chart, (runs, optimisers, "test_acc", "test accuracy (%)",
                         "Optimiser sweep over res_512_d (ReLU, lr 0.1)", results_dir / "optimisers.png")),
         (train_vs_test_chart, (runs, TRAIN_VS_TEST, results_dir / "train_vs_test.png")),
+        (curves_chart, (runs, BEYOND, "test_acc", "test accuracy (%)",
+                        "Beyond the original study: fast94 and best_5m", results_dir / "beyond.png")),
+        (equal_epochs_chart, (runs, checks, results_dir / "fast94_vs_res_512_d.png")),
         (summary_table, (runs, top_dir / "model_summary.png")),
     ]
     for draw, args in jobs:
         draw(*args)
     paths = [args[-1] for _, args in jobs]
-    if readme is not None and update_readme(results_markdown(runs, collect_checks(results_dir / "checks")), readme):
+    if readme is not None and update_readme(results_markdown(runs, checks), readme):
         paths.append(Path(readme))
     return paths
 

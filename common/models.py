@@ -117,8 +117,8 @@ def res_block(activation="relu", dropout=0.0, softmax_output=False):
 class PatchWhitening(nn.Module):
     """A frozen 2x2 convolution whose filters whiten the training images' 2x2 patches (the
     eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), each also negated so a
-    following activation keeps both signs); only its bias trains. Until `fit` sees the images it
-    is the identity-free default init, so a model loaded from weights needs no data."""
+    following activation keeps both signs); only its bias trains. Before `fit` its filters are
+    PyTorch's random init: a model loaded from saved weights needs no data."""
 
     def __init__(self, channels=3, patch=2):
         super().__init__()

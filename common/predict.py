@@ -18,7 +18,7 @@ from . import data as cifar
 from .config import Config, UserError, one_line
 from .history import WEIGHTS_FILE, RunFolderError, read_run_info, write_atomic
 from .models import build_model, model_options
-from .training import batched_logits, resolve_device
+from .training import autocast_for, batched_logits, resolve_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -145,7 +145,7 @@ def predict(run_dirs, images, out=None, probs=None, tta=False, device="auto"):
     device = resolve_device(device)
     image_set = read_images(images)
     on_device = image_set.images.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
     probabilities = torch.zeros(len(image_set.ids), len(cifar.CLASSES))
     for run_dir in run_dirs:
         model, config = load_trained_model(run_dir, device)

@@ -244,6 +244,11 @@ def evaluate(model, images, labels, config, autocast, tta=False):
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
 
+def autocast_for(device):
+    """bf16 autocast on CUDA (BatchNorm and the loss stay float32); a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
 def prepare(x):
     """Channels-last on CUDA, where cuDNN's convolutions are fastest in that layout."""
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
@@ -383,7 +388,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
                       data, test, empty_history(config), {}, epoch_start_position(0))
     if config.averaging != "none":
         run.average = WeightAverage(model, config.averaging, config.ema_decay,
-                                    config.epochs * steps_per_epoch)
+                                    config.epochs * run.steps_per_epoch)
     if config.alternating_flip:
         run.mirror = cifar.alternating_mirror(config.seed, len(data.train_labels), device)
     if checkpoint is None:
@@ -424,8 +429,8 @@ def run_epochs(run):
     checkpoint, history and run.json. SIGINT/SIGTERM end the current step, save a checkpoint,
     and stop the run with RunInterrupted."""
     config, info, position = run.config, run.info, run.position
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.data.train_images.is_cuda)
-    steps_per_epoch = math.ceil(len(run.data.train_labels) / config.batch_size)
+    autocast = autocast_for(run.data.train_images.device)
+    steps_per_epoch = run.steps_per_epoch
     progress = tqdm(total=config.epochs * steps_per_epoch,
                     initial=position["epoch"] * steps_per_epoch + position["step"], desc=run.exp.name,
                     unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
@@ -481,7 +486,7 @@ def finish_epoch(run, autocast, epoch_start, session_start, progress):
         run.schedule.step()
     for key, value in zip(history, (train_loss, train_acc, test_loss, test_acc)):
         history[key].append(value)
-    info["epochs_done"] = len(history["test_acc"])
+    info["epochs_done"] = len(history["train_loss"])
     info["epoch_seconds"].append(round(time.perf_counter() - epoch_start, 3))
     info["train_images_per_second"].append(round(len(run.data.train_labels) / train_seconds, 1))
     info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
@@ -575,7 +580,7 @@ def train_one_epoch(run, autocast, progress, stop):
                         loss_sum=torch.zeros((), device=device),
                         correct=torch.zeros((), device=device, dtype=torch.long),
                         first_bad_step=torch.full((), -1, device=device))
-    order, steps = position["order"], math.ceil(len(labels) / config.batch_size)
+    order, steps = position["order"], run.steps_per_epoch
     last_report = time.monotonic()
     for step in range(position["step"], steps):
         if run.cluster.any(stop.signal is not None):

@@ -26,7 +26,7 @@ def test_charts_from_the_runs_that_exist(tmp_path, capsys):
     paths = make_charts(training, tmp_path / "top", tmp_path / "results")
     assert sorted(p.name for p in paths) == sorted([
         "model_acc.png", "model_loss.png", "activations.png", "optimisers.png",
-        "train_vs_test.png", "model_summary.png"])
+        "train_vs_test.png", "beyond.png", "fast94_vs_res_512_d.png", "model_summary.png"])
     for path in paths:
         assert Image.open(path).size[0] > 300
     out = capsys.readouterr().out

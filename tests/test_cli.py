@@ -36,6 +36,16 @@ def test_train_writes_the_run_folder(tmp_path, fake_data):
     assert "final test accuracy" in result.stdout
 
 
+def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_data):
+    result = cli("train", "fast94", "--seeds", "2", "--seed", "7", "--epochs", "1", "--data-dir", fake_data,
+                 "--out", tmp_path, "--device", "cpu", "--no-download", "--batch-size", "64",
+                 "--set", "widths=[8,16,16]")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [7, 8] and (tmp_path / "seed8" / "model.pt").is_file()
+    assert "fast94 over 2 seed(s): final test accuracy" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "resnet_9000"], "unknown experiment"),
     (["train", "res_512_d", "--epochs", "-2"], "epochs must be at least 1"),
@@ -47,6 +57,11 @@ def test_train_writes_the_run_folder(tmp_path, fake_data):
     (["train", "res_512_d", "--set", "lr"], "expects key=value"),
     (["train", "res_512_d", "--set", "lr=fast"], "lr expects a float"),
     (["frobnicate"], "invalid choice"),
+    (["train", "res_512_d", "--seeds", "0"], "seeds must be at least 1"),
+    (["train", "res_512_d", "--val", "-5"], "val must not be negative"),
+    (["train", "res_512_d", "--set", "widths=[8,8]"], "res_512_d has no option widths"),
+    (["train", "fast94", "--set", "averaging=swa"], "averaging is none, ema or lookahead"),
+    (["train", "fast94", "--set", "pad_mode=wrap"], "pad_mode is zeros or reflect"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, message):
     corrupt = tmp_path / "corrupt" / "cifar-10-batches-py"

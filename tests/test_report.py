@@ -35,7 +35,21 @@ def fake_training(root):
     (training / "og_resnet" / "test_acc_history.txt").write_text("0.5\n")
     run(training / "res_block", [0.4, 0.5])
     (training / "res_block" / "run.json").write_text("{not json")
+    run(training / "fast94", [0.85, 0.93])
+    info = json.loads((training / "fast94" / "run.json").read_text())
+    info.update(data={"variant": "exact-offline", "train_images": 50_000}, training_flops_per_image=9e8,
+                config={"micro_batch": 512, "device": "cpu", "widths": [64, 256, 256]},
+                final_evaluation={"test_acc": 0.941, "tta": True, "weights": "averaged (lookahead)"})
+    (training / "fast94" / "run.json").write_text(json.dumps(info))
     return training
+
+
+def fake_check(results_dir):
+    """A res_512_d check run of as many epochs as fast94's, for the equal-epochs figure."""
+    check = results_dir / "checks" / "cpu-res_512_d-2-epochs"
+    run(check, [0.40, 0.55], budget="smoke")
+    info = json.loads((check / "run.json").read_text())
+    (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d", "train_images_per_second": [450.0]}))
 
 
 def outputs(out):
@@ -50,8 +64,10 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     training = fake_training(root)
     printed = io.StringIO()
+    folders = outputs(root / "out")
+    fake_check(folders["results_dir"])
     with contextlib.redirect_stdout(printed):
-        paths = build_report(training, **outputs(root / "out"))
+        paths = build_report(training, **folders)
     return root, paths, printed.getvalue()
 
 
@@ -87,6 +103,26 @@ def test_csv_rows_are_the_history_files_maxima_and_final_values(built):
     model = model_from_config(EXPERIMENTS["res_block"].config)
     assert not_run["trainable_parameters"] == "4979498"
     assert not_run["multiply_adds_per_image"] == str(multiply_adds(model))
+
+
+def test_the_end_of_run_evaluation_and_training_flops_have_their_columns(built):
+    root, _, _ = built
+    rows = {row["experiment"]: row for row in read_csv(root / "out" / "results" / "summary.csv")
+            if row["budget"] == "full"}
+    fast = rows["fast94"]
+    assert (fast["final_test_pct"], fast["end_of_run_test_pct"], fast["end_of_run_tta"]) == ("93.00", "94.10", "yes")
+    assert fast["training_pflops_per_run"] == f"{9e8 * 50_000 * 2 / 1e15:.4f}"
+    assert rows["res_512_d"]["end_of_run_test_pct"] == "" and rows["res_512_d"]["end_of_run_tta"] == ""
+
+
+def test_the_pdf_sets_fast94_against_its_target_and_res_512_d_at_equal_epochs(built):
+    root, paths, _ = built
+    text = pdf_text(root / "out" / REPORT_FILE)
+    for expected in ["Beyond the original study", "reached (94.10%)", "94.10 (TTA)",
+                     "res_512_d (cpu-res_512_d-2-epochs)", "--out results/checks/cpu-res_512_d-10-epochs",
+                     "fast94 (micro_batch=512)"]:  # a recipe change is named; place and equal widths are not
+        assert expected in text.replace("\n", " "), expected
+    assert any(path.name == "fast94_vs_res_512_d.png" for path in paths)
 
 
 def test_a_smoke_run_is_kept_out_of_the_headline_rows(built):
@@ -129,6 +165,7 @@ def test_the_pdf_reports_the_runs(built):
 def test_the_report_command_rebuilds_the_same_bytes(built):
     root, _, _ = built
     again = outputs(root / "again")
+    fake_check(again["results_dir"])
     result = cli("report", "--training-dir", root / "training", "--top-dir", again["top_dir"],
                  "--results-dir", again["results_dir"], "--readme", again["readme"])
     assert result.returncode == 0, result.stderr

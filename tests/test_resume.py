@@ -36,21 +36,26 @@ def interrupt_at_step(monkeypatch, step):
     monkeypatch.setattr(cifar, "augment", augment_then_signal)
 
 
+# fast94 adds what a resume must also restore: lookahead averaging across epochs, alternating
+# flips, a per-step schedule, the whitening fitted to the data.
+@pytest.mark.parametrize("experiment, extra", [("res_512_d", {}), ("fast94", {"widths": (8, 16, 16)})],
+                         ids=["res_512_d", "fast94"])
 @pytest.mark.parametrize("stop_step", [6, 8], ids=["mid-epoch", "end-of-epoch-2"])
-def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypatch, stop_step):
-    settings = dict(epochs=4, seed=3, **tiny)  # 200 images / batch 64: 4 steps an epoch
-    train("res_512_d", out_dir=tmp_path / "straight", **settings)
+def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypatch, stop_step, experiment,
+                                                       extra):
+    settings = dict(epochs=4, seed=3, **tiny, **extra)  # 200 images / batch 64: 4 steps an epoch
+    train(experiment, out_dir=tmp_path / "straight", **settings)
 
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, stop_step)
         with pytest.raises(RunInterrupted, match="stopped by SIGINT at epoch 2.*--resume") as caught:
-            train("res_512_d", out_dir=tmp_path / "resumed", **settings)
+            train(experiment, out_dir=tmp_path / "resumed", **settings)
     assert caught.value.exit_code == 130
     info = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert info["status"] == "interrupted" and info["epochs_done"] == 1
     assert not (tmp_path / "resumed" / "run.lock").exists()
 
-    run = train("res_512_d", out_dir=tmp_path / "resumed", resume=True, **settings)
+    run = train(experiment, out_dir=tmp_path / "resumed", resume=True, **settings)
     assert run.info["status"] == "complete" and len(run.info["resumed"]) == 1
     straight, resumed = (histories_and_weights(tmp_path / d) for d in ("straight", "resumed"))
     assert straight[0] == resumed[0]
