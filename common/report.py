@@ -659,9 +659,10 @@ def settings_changed(row):
 
 def limitations_section(headline, smoke):
     measured = [row for row in headline if row.runs]
-    items = ["The test set is the only held-out set, as in the original study: \"best\" is the highest "
-             "test accuracy of any epoch and so flatters a run; the last epoch's accuracy is the figure to "
-             "quote."]
+    items = ["Runs without --val evaluate on the test set after every epoch, as the original study did: "
+             "\"best\" is the highest test accuracy of any epoch and so flatters a run; the last epoch's "
+             "accuracy (or the end-of-run evaluation) is the figure to quote. Choosing a recipe by its test "
+             "figures is model selection on the test set; --val N holds out training images for that."]
     if not measured:
         items.append("Nothing has been run at full budget yet, so the report makes no claim about accuracy.")
     elif all(len(row.runs) == 1 for row in measured):
