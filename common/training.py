@@ -706,6 +706,7 @@ LOCATION_SETTINGS = {"data_dir", "download", "device"}
 
 
 def refuse_other_config(saved, config):
+    saved = {**Config().to_dict(), **saved}  # a field newer than the checkpoint had its default then
     current = config.to_dict()
     differing = sorted(k for k in set(saved) | set(current)
                        if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))

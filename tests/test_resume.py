@@ -69,6 +69,20 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
         train("res_512", out_dir=tmp_path, resume=True, epochs=2, lr=0.05, **tiny)
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path, tiny, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 6)
+        with pytest.raises(RunInterrupted):
+            train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    for newer in ("cutout", "averaging", "tta"):  # as an older version of the code saved it
+        del checkpoint["config"][newer]
+    torch.save(checkpoint, path)
+    run = train("res_512", out_dir=tmp_path, epochs=2, resume=True, **tiny)
+    assert run.info["status"] == "complete" and len(run.history["test_acc"]) == 2
+
+
 def test_resume_needs_a_checkpoint(tmp_path, tiny):
     with pytest.raises(UserError, match="no checkpoint.pt to resume from"):
         train("res_512", out_dir=tmp_path, resume=True, **tiny)
