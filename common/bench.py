@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
-from .models import model_from_config
+from .models import model_from_config, training_flops
 from .training import (autocast_for, device_name, epoch_start_position, make_optimizer, prepare,
                        resolve_device, start_run, train_one_epoch)
 
@@ -141,17 +141,6 @@ def measure_seed_style(config, device, data, steps, repeats):
     return median_rate(run_steps, steps * config.batch_size, repeats, device)
 
 
-def training_flops_per_image(config, device):
-    """Forward + backward FLOPs of one training step, per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model, _ = model_and_step(config, device)
-    x = torch.randn(2, 3, 32, 32, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=device)).backward()
-    return counter.get_total_flops() // 2
-
-
 def matmul_flops_per_second(device, repeats=5):
     """A dense square matrix multiply (fp32 on CPU, bf16 on GPU): a ceiling to read the rest by."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
@@ -181,7 +170,7 @@ def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None,
         "ours": lambda: measure_ours(experiment, config, device, steps, repeats),
         "seed-style": lambda: measure_seed_style(config, device, data, steps, repeats),
     }
-    flops = training_flops_per_image(config, device)
+    flops = training_flops(model_and_step(config, device)[0])
     matmul, matmul_kind = matmul_flops_per_second(device)
     rates = {mode: measure[mode]() for mode in modes}
     result = {

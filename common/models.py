@@ -8,10 +8,12 @@ softmax_output, and a family's own options (widths, blocks, ...) where it has th
 is the only way the rest of the package makes a model, and it refuses one over the parameter
 budget.
 """
+import copy
 import inspect
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import UserError
@@ -179,7 +181,7 @@ class CifarBlock(nn.Module):
 
     def __init__(self, channels, activation, dropout, squeeze_excitation, preact):
         super().__init__()
-        act = lambda: activation_layer(activation)  # noqa: E731
+        act = partial(activation_layer, activation)
         drop = [nn.Dropout(dropout)] if dropout else []
         if preact:
             layers = [norm(channels), act(), *drop, conv3x3(channels, channels), norm(channels), act(),
@@ -297,6 +299,19 @@ def summary(config, batch_size=None):
     return torchinfo_summary(model_from_config(config), input_size=(batch_size, 3, 32, 32),
                              col_names=("output_size", "num_params", "mult_adds"), depth=2,
                              device="cpu", verbose=0)
+
+
+def training_flops(model, batch=2):
+    """FLOPs of one training step's forward and backward pass per image, counted by torch's FLOP
+    counter on a copy of the model in training mode (its BatchNorm statistics stay untouched); the
+    random batch draws from torch's global generator."""
+    from torch.utils.flop_counter import FlopCounterMode
+    clone = copy.deepcopy(model).train()
+    x = torch.randn(batch, 3, 32, 32, device=next(clone.parameters()).device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(clone(x).float(), torch.zeros(batch, dtype=torch.long, device=x.device)).backward()
+    return counter.get_total_flops() // batch
 
 
 def multiply_adds(model, input_size=(1, 3, 32, 32)):

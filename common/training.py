@@ -33,7 +33,8 @@ from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
                       read_run_info, run_lock, save_tensors, write_atomic, write_history, write_run_info)
-from .models import count_parameters, model_from_config, model_options, multiply_adds
+from .models import (count_parameters, model_from_config, model_options, multiply_adds,
+                     training_flops)
 
 EVAL_BATCH_SIZE = 500
 
@@ -131,16 +132,20 @@ class WeightAverage:
     def __init__(self, model, mode, decay, total_steps):
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.mode, self.decay, self.total_steps = mode, decay, total_steps
+        # (average, live) tensor pairs, gathered once: state_dict() shares the tensors' storage,
+        # and loading a checkpoint copies into them in place, so the pairs stay valid all run.
+        self.pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
 
     @torch.no_grad()
-    def update(self, model, steps_done):
+    def update(self, steps_done):
+        """Fold the live model's current state into the average (and, in lookahead, back)."""
         if self.mode == "lookahead":
             if steps_done % self.LOOKAHEAD_EVERY and steps_done < self.total_steps:
                 return
             decay = self.decay ** self.LOOKAHEAD_EVERY * (steps_done / self.total_steps) ** 3
         else:
             decay = min(self.decay, (1 + steps_done) / (10 + steps_done))
-        for average, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for average, live in self.pairs:
             if average.is_floating_point():
                 average.lerp_(live, 1 - decay)
                 if self.mode == "lookahead":
@@ -524,7 +529,7 @@ def describe_run(run, device, full_budget):
         "model": model_options(config),
         "trainable_parameters": count_parameters(run.model),
         "multiply_adds_per_image": multiply_adds(run.model),
-        "training_flops_per_image": training_flops_per_image(run.model, config),
+        "training_flops_per_image": training_flops(run.model),
         "evaluated_each_epoch": (f"validation: {config.val} held-out training images" if config.val
                                  else "test set"),
         "budget": "full" if full_budget else "smoke",
@@ -546,18 +551,6 @@ def describe_run(run, device, full_budget):
         "train_images_per_second": [],
         "wall_seconds": 0.0,
     }
-
-
-def training_flops_per_image(model, config):
-    """FLOPs of one training step's forward and backward pass per image, counted by torch's FLOP
-    counter on a copy of the model (so its BatchNorm statistics stay untouched)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    clone = copy.deepcopy(model).train()
-    x = torch.randn(2, 3, 32, 32, device=next(clone.parameters()).device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        F.cross_entropy(clone(x).float(), torch.zeros(2, dtype=torch.long, device=x.device)).backward()
-    return counter.get_total_flops() // 2
 
 
 def epoch_start_position(epoch):
@@ -595,7 +588,7 @@ def train_one_epoch(run, autocast, progress, stop):
         if SCHEDULES[config.schedule][0] == "step":
             run.schedule.step()
         if run.average is not None:
-            run.average.update(run.model, position["epoch"] * steps + step + 1)
+            run.average.update(position["epoch"] * steps + step + 1)
         position["first_bad_step"] = torch.where((position["first_bad_step"] < 0) & ~loss.isfinite(),
                                                  step, position["first_bad_step"])
         position["loss_sum"] += loss * len(index)

@@ -11,9 +11,9 @@ from common.config import Config, UserError
 from common.experiments import EXPERIMENTS
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
                            model_from_config)
+from common.models import training_flops
 from common.training import (SCHEDULES, WeightAverage, evaluate, forward_backward, make_optimizer,
-                             make_schedule, parameter_groups, train, train_seeds,
-                             training_flops_per_image)
+                             make_schedule, parameter_groups, train, train_seeds)
 
 # Small widths keep a CPU run of the fast94/best_5m recipes to seconds.
 TINY_NET = dict(widths=(8, 16, 16))
@@ -194,16 +194,16 @@ def test_ema_follows_the_weights_and_lookahead_pulls_them_back():
     start = live.weight.detach().clone()
     with torch.no_grad():
         live.weight.add_(1.0)
-    average.update(live, steps_done=100)  # decay min(0.5, 101/110) = 0.5
+    average.update(steps_done=100)  # decay min(0.5, 101/110) = 0.5
     assert torch.allclose(average.model.weight, start + 0.5)
     assert torch.allclose(live.weight, start + 1.0)
 
     lookahead = WeightAverage(live, "lookahead", 0.9, total_steps=10)
     with torch.no_grad():
         live.weight.add_(1.0)
-    lookahead.update(live, steps_done=3)  # not a multiple of 5: nothing happens
+    lookahead.update(steps_done=3)  # not a multiple of 5: nothing happens
     assert torch.allclose(live.weight, start + 2.0)
-    lookahead.update(live, steps_done=10)  # decay 0.9**5 at the end of the run
+    lookahead.update(steps_done=10)  # decay 0.9**5 at the end of the run
     expected = start + 1.0 + (1 - 0.9 ** 5) * 1.0
     assert torch.allclose(lookahead.model.weight, expected) and torch.allclose(live.weight, expected)
 
@@ -225,7 +225,7 @@ def test_training_flops_are_about_three_forward_passes():
     from common.models import multiply_adds
     model = build_model("cifar_resnet", **TINY_NET)
     forward = 2 * multiply_adds(model)
-    assert 2.5 * forward < training_flops_per_image(model, Config()) < 3.5 * forward
+    assert 2.5 * forward < training_flops(model) < 3.5 * forward
 
 
 # ---------------------------------------------------------------- whole runs on the fake data
