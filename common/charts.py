@@ -4,6 +4,7 @@ shown as "not run", never invented. Every label carries where its numbers came f
 Chart files are drawn on bare `Figure`s, so making them never touches pyplot's backend or state
 (a notebook keeps its inline plots); `plot_run` is the one pyplot figure, meant for display.
 """
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
-from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info
+from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -74,12 +75,6 @@ def load_run(folder, name):
     return RunRecord(name, history, info) if history["test_acc"] else None
 
 
-def seed_folders(folder):
-    """The seed<N>/ subfolders of an experiment folder, by N: each is one run of a multi-seed group."""
-    found = [f for f in Path(folder).glob("seed*/") if f.name[len("seed"):].isdigit()]
-    return sorted(found, key=lambda f: int(f.name[len("seed"):]))
-
-
 def collect_groups(training_dir=TRAINING_DIR):
     """Every experiment's runs, by seed: one per seed<N>/ subfolder of a multi-seed group, else
     the run in the experiment's own folder; an empty list where there is none."""
@@ -95,10 +90,6 @@ def representative_runs(groups):
     """One run per experiment for the curve charts and the README (a group's lowest seed of full
     budget, else its lowest seed; its provenance names the seed), or None."""
     return {name: min(runs, key=lambda run: run.smoke) if runs else None for name, runs in groups.items()}
-
-
-def collect_runs(training_dir=TRAINING_DIR):
-    return representative_runs(collect_groups(training_dir))
 
 
 def curves_chart(runs, names, key, ylabel, title, path):
@@ -136,26 +127,33 @@ def train_vs_test_chart(runs, names, path):
     save(fig, path)
 
 
-def equal_epochs_runs(runs, checks):
-    """(label, run) for fast94's run and every res_512_d check of as many epochs on the same data
-    and device; empty unless both exist."""
+def every_run(training_dir, name):
+    """Every run of an experiment: its seed<N>/ runs, then the run in its own folder (which a
+    seed group hides from the tables, e.g. an earlier run on another device)."""
+    folder = Path(training_dir) / name
+    runs = [load_run(f, name) for f in seed_folders(folder)] + [load_run(folder, name)]
+    return [run for run in runs if run is not None]
+
+
+def equal_epochs_runs(training_dir, checks):
+    """(label, run) for the first fast94 run that has res_512_d checks of as many epochs on the same
+    data and device, then those checks; empty unless such a pair exists."""
     fast, baseline = EQUAL_EPOCHS
-    run = runs.get(fast)
-    if run is None:
-        return []
-    matched = [(f"{baseline} ({name})", check) for name, check in checks if check.name == baseline
-               and len(check.history["test_acc"]) == len(run.history["test_acc"])
-               and (check.variant, check.device) == (run.variant, run.device)]
-    return [(fast, run)] + matched if matched else []
+    for run in every_run(training_dir, fast):
+        matched = [(f"{baseline} ({name})", check) for name, check in checks if check.name == baseline
+                   and len(check.history["test_acc"]) == len(run.history["test_acc"])
+                   and (check.variant, check.device) == (run.variant, run.device)]
+        if matched:
+            return [(fast, run)] + matched
+    return []
 
 
-def equal_epochs_chart(runs, checks, path):
+def equal_epochs_chart(shown, path):
     """fast94's test accuracy beside res_512_d's at equal training length, each with its own
-    schedule: the modern recipe against the original one."""
+    schedule: the modern recipe against the original one. `shown` is equal_epochs_runs'."""
     fast, baseline = EQUAL_EPOCHS
     fig = Figure(figsize=(9, 5.5))
     ax = fig.subplots()
-    shown = equal_epochs_runs(runs, checks)
     if not shown:
         ax.text(0.5, 0.5, f"needs a {fast} run and a {baseline} check of as many epochs\non the same "
                 "data and device", ha="center", va="center", transform=ax.transAxes, color="grey")
@@ -181,12 +179,15 @@ def plot_accuracy(ax, history):
 
 def collect_checks(checks_dir):
     """Run folders under results/checks/ (measurements of the code outside the experiments' own
-    folders, e.g. a CPU check), each named by its folder; run.json names the experiment."""
+    folders, e.g. a CPU check or a changed setting) and their seed<N>/ runs, each named by its
+    folder ('check' or 'check/seed1'); run.json names the experiment."""
     checks = []
-    for folder in sorted(Path(checks_dir).glob("*/")):
-        run = load_run(folder, folder.name)
-        if run is not None and run.info.get("experiment") in EXPERIMENTS:
-            checks.append((folder.name, RunRecord(run.info["experiment"], run.history, run.info)))
+    for top in sorted(Path(checks_dir).glob("*/")):
+        for folder in [top, *seed_folders(top)]:
+            run = load_run(folder, folder.name)
+            if run is not None and run.info.get("experiment") in EXPERIMENTS:
+                name = str(folder.relative_to(checks_dir))
+                checks.append((name, RunRecord(run.info["experiment"], run.history, run.info)))
     return checks
 
 
@@ -195,18 +196,22 @@ def markdown_table(columns, rows):
                      + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-def results_markdown(runs, checks):
-    """The README's results: full-budget runs only, then checks, each with its provenance."""
-    full = {name: run for name, run in runs.items() if run is not None and not run.smoke}
+def results_markdown(groups, checks):
+    """The README's results: full-budget runs only (a multi-seed group as mean ± std over its
+    seeds), then checks, each with its provenance."""
+    full = {name: [run for run in runs if not run.smoke] for name, runs in groups.items()}
     rows = [row for row in summary_rows(full) if row[2] != "not run"]
     parts = [markdown_table(SUMMARY_COLUMNS, rows) if rows else
              "No full-budget run yet: all fourteen experiments are still to be run on a GPU."]
     if checks:
-        parts.append("Checks (reduced budgets: measurements of the code, not results):")
+        parts.append("Checks (reduced budgets or changed settings, in `results/checks/`: measurements "
+                     "of the code, not results):")
         parts.append(markdown_table(
-            ["check", "experiment", "epochs", "data", "device", "seed", "training images/s", "test %"],
+            ["check", "experiment", "epochs", "data", "device", "seed", "training images/s", "test %",
+             "end-of-run test %"],
             [[name, run.name, run.epochs, run.variant, run.device, run.info.get("seed", "?"),
-              f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}"]
+              f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}",
+              final_evaluation_text([run])]
              for name, run in checks]))
     return "\n\n".join(parts)
 
@@ -223,29 +228,49 @@ def update_readme(text, readme=README):
     return True
 
 
-def summary_rows(runs):
-    """One row per experiment: what was measured beside what the original study published."""
+def mean_std(values):
+    """(mean, sample standard deviation or None for a single value), or None for no values."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def percent(stat):
+    """'86.67', or '86.67 ± 0.12' over seeds, or '-' when not run."""
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def summary_rows(groups):
+    """One row per experiment: what was measured (its representative run's budget; a multi-seed
+    group as mean ± std over its seeds) beside what the original study published."""
     rows = []
     for name, exp in EXPERIMENTS.items():
-        run = runs.get(name)
+        runs = groups.get(name) or []
         published = published_text(exp)
-        if run is None:
+        if not runs:
             rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published, "-"])
             continue
-        acc = run.history["test_acc"]
+        run = min(runs, key=lambda r: r.smoke)
+        runs = [r for r in runs if r.smoke == run.smoke]
         rows.append([name, f"{run.info.get('trainable_parameters', 0):,}",
                      run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
-                     run.info.get("seed", "?"), f"{100 * max(acc):.2f}", f"{100 * acc[-1]:.2f}", published,
-                     final_evaluation_text(run.info)])
+                     ", ".join(str(r.info.get("seed", "?")) for r in runs),
+                     percent(mean_std([100 * max(r.history["test_acc"]) for r in runs])),
+                     percent(mean_std([100 * r.history["test_acc"][-1] for r in runs])), published,
+                     final_evaluation_text(runs)])
     return rows
 
 
-def final_evaluation_text(info):
-    """The test accuracy of a run's final evaluation, e.g. '94.12 (TTA)', or '-' without one."""
-    final = info.get("final_evaluation")
-    if not final:
+def final_evaluation_text(runs):
+    """The test accuracy of the runs' final evaluation, e.g. '94.12 (TTA)' or '94.12 ± 0.10 (TTA)',
+    or '-' where they made none."""
+    finals = [r.info["final_evaluation"] for r in runs if r.info.get("final_evaluation")]
+    if not finals:
         return "-"
-    return f"{100 * final['test_acc']:.2f}" + (" (TTA)" if final["tta"] else "")
+    return percent(mean_std([100 * f["test_acc"] for f in finals])) + (" (TTA)" if finals[0]["tta"] else "")
 
 
 def published_text(exp):
@@ -253,13 +278,13 @@ def published_text(exp):
     return "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
 
 
-SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seed",
+SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seeds",
                    "best test %", "final test %", "original study %", "end-of-run test %"]
 
 
-def summary_table(runs, path):
+def summary_table(groups, path):
     columns = SUMMARY_COLUMNS
-    rows = summary_rows(runs)
+    rows = summary_rows(groups)
     fig = Figure(figsize=(13, 0.3 * len(rows) + 0.9))
     ax = fig.subplots()
     ax.axis("off")
@@ -284,11 +309,12 @@ def save(fig, path):
 
 
 def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULTS_DIR, readme=None,
-                runs=None):
-    """Every chart of the original study, from the run folders that exist (or from `runs`, as
-    collect_runs returns them, when the caller has read them already), and the README's results
+                groups=None):
+    """Every chart of the original study, from the run folders that exist (or from `groups`, as
+    collect_groups returns them, when the caller has read them already), and the README's results
     block when `readme` is given. Returns the paths written."""
-    runs = collect_runs(training_dir) if runs is None else runs
+    groups = collect_groups(training_dir) if groups is None else groups
+    runs = representative_runs(groups)
     top_dir, results_dir = Path(top_dir), Path(results_dir)
     checks = collect_checks(results_dir / "checks")
     activations = group_members("changing_activations")
@@ -305,13 +331,14 @@ def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULT
         (train_vs_test_chart, (runs, TRAIN_VS_TEST, results_dir / "train_vs_test.png")),
         (curves_chart, (runs, BEYOND, "test_acc", "test accuracy (%)",
                         "Beyond the original study: fast94 and best_5m", results_dir / "beyond.png")),
-        (equal_epochs_chart, (runs, checks, results_dir / "fast94_vs_res_512_d.png")),
-        (summary_table, (runs, top_dir / "model_summary.png")),
+        (equal_epochs_chart, (equal_epochs_runs(training_dir, checks),
+                               results_dir / "fast94_vs_res_512_d.png")),
+        (summary_table, (groups, top_dir / "model_summary.png")),
     ]
     for draw, args in jobs:
         draw(*args)
     paths = [args[-1] for _, args in jobs]
-    if readme is not None and update_readme(results_markdown(runs, checks), readme):
+    if readme is not None and update_readme(results_markdown(groups, checks), readme):
         paths.append(Path(readme))
     return paths
 

@@ -139,6 +139,31 @@ def read_history(folder):
     return history
 
 
+def seed_folders(folder):
+    """The seed<N>/ subfolders of an experiment folder, by N: each is one run of a multi-seed group."""
+    found = [f for f in Path(folder).glob("seed*/") if f.name[len("seed"):].isdigit()]
+    return sorted(found, key=lambda f: int(f.name[len("seed"):]))
+
+
+def write_seeds_summary(folder):
+    """Write SEEDS_FILE for the multi-seed group in `folder` from every complete seed<N>/ run in it
+    (also those of earlier commands): each one's final test accuracy (its end-of-run evaluation
+    where it has one), their mean and sample standard deviation. Returns the summary."""
+    runs = [(f, read_run_info(f)) for f in seed_folders(folder)]
+    runs = [(f, info) for f, info in runs if info.get("status") == "complete"]
+    if not runs:
+        raise UserError(f"{folder} holds no complete seed<N>/ run to summarise")
+    accuracies = [info["final_evaluation"]["test_acc"] if info.get("final_evaluation")
+                  else read_history(f)["test_acc"][-1] for f, info in runs]
+    mean = sum(accuracies) / len(accuracies)
+    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else 0.0
+    summary = {"experiment": runs[0][1]["experiment"], "seeds": [info["seed"] for _, info in runs],
+               "final_test_acc": accuracies, "mean": mean, "std": std,
+               "folders": [f.name for f, _ in runs]}
+    write_atomic(Path(folder) / SEEDS_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def read_run_info(folder):
     path = Path(folder) / RUN_FILE
     if not path.is_file():

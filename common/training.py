@@ -32,7 +32,8 @@ from .config import Config, UserError
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
-                      read_run_info, run_lock, save_tensors, write_atomic, write_history, write_run_info)
+                      read_run_info, run_lock, save_tensors, write_atomic, write_history, write_run_info,
+                      write_seeds_summary)
 from .models import (count_parameters, model_from_config, model_options, multiply_adds,
                      training_flops)
 
@@ -281,22 +282,16 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
 
 def train_seeds(experiment, seeds, first_seed=0, out_dir=None, **kwargs):
     """`train` once per seed first_seed, first_seed + 1, ... into seed<N>/ subfolders of the
-    experiment's folder (or `out_dir`), then write seeds.json there: each seed's final test
-    accuracy and their mean and standard deviation. Returns the runs."""
+    experiment's folder (or `out_dir`), then summarise every complete seed there in seeds.json
+    (history.write_seeds_summary). Returns the runs."""
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
     folder = Path(out_dir) if out_dir is not None else get_experiment(experiment).folder
     runs = [train(experiment, out_dir=folder / f"seed{seed}", seed=seed, **kwargs)
             for seed in range(first_seed, first_seed + seeds)]
-    accuracies = [run.final_test_acc for run in runs]
-    mean = sum(accuracies) / len(accuracies)
-    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else 0.0
-    summary = {"experiment": experiment, "seeds": [run.config.seed for run in runs],
-               "final_test_acc": accuracies, "mean": mean, "std": std,
-               "folders": [str(run.folder) for run in runs]}
-    write_atomic(folder / SEEDS_FILE, json.dumps(summary, indent=2) + "\n")
-    print(f"{experiment} over {len(runs)} seed(s): final test accuracy {100 * mean:.2f}% ± "
-          f"{100 * std:.2f} (sample std) -> {folder / SEEDS_FILE}")
+    summary = write_seeds_summary(folder)
+    print(f"{experiment} over {len(summary['seeds'])} seed(s): final test accuracy {100 * summary['mean']:.2f}% "
+          f"± {100 * summary['std']:.2f} (sample std; seeds {summary['seeds']}) -> {folder / SEEDS_FILE}")
     return runs
 
 

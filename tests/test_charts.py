@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from common.charts import collect_runs, make_charts, summary_rows
+from common.charts import collect_groups, make_charts, summary_rows
 from common.experiments import EXPERIMENTS
 from common.history import write_history, write_run_info
 
@@ -32,7 +32,7 @@ def test_charts_from_the_runs_that_exist(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped") == 1 and "res_512" in out and "missing" in out
 
-    rows = {row[0]: row for row in summary_rows(collect_runs(training))}
+    rows = {row[0]: row for row in summary_rows(collect_groups(training))}
     assert rows["res_512_d"][6:8] == ["80.00", "75.00"]  # best and final, from the history file
     assert rows["res_512_d"][2] == "3/200 ep" and rows["res_512_d"][4] == "H100 80GB HBM3"
     assert rows["changing_optimisers/adam"][2].endswith("smoke")
@@ -49,7 +49,7 @@ def test_charts_are_deterministic(tmp_path):
 
 
 def test_no_runs_means_everything_not_run(tmp_path):
-    rows = summary_rows(collect_runs(tmp_path))
+    rows = summary_rows(collect_groups(tmp_path))
     assert all(row[2] == "not run" for row in rows)
     assert json.dumps(rows)  # plain values only
 
@@ -63,7 +63,41 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
     info = json.loads((check / "run.json").read_text())
     (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d",
                                                 "train_images_per_second": [480.4]}))
-    text = results_markdown(collect_runs(tmp_path / "training"), collect_checks(tmp_path / "checks"))
+    text = results_markdown(collect_groups(tmp_path / "training"), collect_checks(tmp_path / "checks"))
     assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 |" in text
     assert "res_block" not in text  # a smoke run is no result
-    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 |" in text
+    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 | - |" in text
+
+
+def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_device(tmp_path):
+    from common.charts import collect_checks, equal_epochs_runs
+    training, checks = tmp_path / "training", tmp_path / "checks"
+    for seed in (0, 1):  # a GPU seed group hides the fast94 folder's own run from the tables...
+        fake_run(training / "fast94" / f"seed{seed}", [0.9, 0.94])
+    fake_run(training / "fast94", [0.8, 0.93])
+    check = checks / "cpu-res_512_d-2-epochs"
+    fake_run(check, [0.4, 0.55], budget="smoke")
+    for folder in (training / "fast94", check):  # ...but that run and the check share the CPU
+        info = json.loads((folder / "run.json").read_text())
+        info.update(experiment=folder.name if folder == training / "fast94" else "res_512_d",
+                    device={"type": "cpu", "name": "CPU: AMD EPYC, 2 threads"})
+        (folder / "run.json").write_text(json.dumps(info))
+    shown = equal_epochs_runs(training, collect_checks(checks))
+    assert [(label, run.history["test_acc"]) for label, run in shown] == [
+        ("fast94", [0.8, 0.93]), ("res_512_d (cpu-res_512_d-2-epochs)", [0.4, 0.55])]
+    (check / "run.json").write_text(json.dumps({**info, "device": {"type": "cuda", "name": "other"}}))
+    assert equal_epochs_runs(training, collect_checks(checks)) == []
+
+
+def test_readme_results_give_a_seed_group_as_mean_and_std_of_its_full_runs(tmp_path):
+    from common.charts import results_markdown
+    training = tmp_path / "training"
+    for seed, acc, budget in [(0, [0.5, 0.9], "full"), (1, [0.6, 0.8], "full"), (2, [0.3], "smoke")]:
+        folder = training / "best_5m" / f"seed{seed}"
+        fake_run(folder, acc, budget=budget)
+        info = json.loads((folder / "run.json").read_text())
+        (folder / "run.json").write_text(json.dumps({**info, "seed": seed, "final_evaluation": {
+            "test_acc": acc[-1] + 0.01, "tta": True}}))
+    text = results_markdown(collect_groups(training), [])
+    assert "| best_5m | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0, 1 | 85.00 ± 7.07 | " \
+           "85.00 ± 7.07 | - | 86.00 ± 7.07 (TTA) |" in text

@@ -275,6 +275,15 @@ def test_seeds_run_into_sibling_folders_with_a_summary(tmp_path, tiny):
     assert summary["mean"] == pytest.approx(sum(accs) / 2)
 
 
+def test_a_seed_trained_later_joins_the_summary_and_unfinished_ones_do_not(tmp_path, tiny):
+    first, = train_seeds("res_512", 1, first_seed=4, out_dir=tmp_path, epochs=1, **tiny)
+    (tmp_path / "seed9").mkdir()  # e.g. a run still going, or killed before its first epoch
+    second, = train_seeds("res_512", 1, first_seed=5, out_dir=tmp_path, epochs=1, **tiny)
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [4, 5] and summary["folders"] == ["seed4", "seed5"]
+    assert summary["final_test_acc"] == [first.final_test_acc, second.final_test_acc]
+
+
 def test_compile_wraps_the_training_model(tmp_path, tiny, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
