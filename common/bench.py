@@ -13,6 +13,7 @@ Plus the model's training FLOPs per image (torch.utils.flop_counter) and a dense
 rate on the same device, as a ceiling for reference.
 """
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -53,17 +54,19 @@ def median_rate(run_steps, images, repeats, device):
 
 
 def model_and_step(config, device):
-    """A fresh model on the device and a function doing one training step on (x, y)."""
+    """A fresh model on the device and a function doing one training step on (x, y), through
+    torch.compile where the config asks for it, as the training loop does."""
     torch.manual_seed(config.seed)
     model = model_from_config(config).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     autocast = autocast_for(device)
+    train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     def step(x, y):
         with autocast:
-            loss = F.cross_entropy(model(prepare(x)).float(), y)
+            loss = F.cross_entropy(train_model(prepare(x)).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -157,12 +160,14 @@ def matmul_flops_per_second(device, repeats=5):
 
 
 def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None, steps=20, repeats=3,
-          modes=MODES, download=True):
-    """Measure and return a JSON-able dict: the rates, FLOP rates and the two ratios."""
+          modes=MODES, download=True, settings=None):
+    """Measure and return a JSON-able dict: the rates, FLOP rates and the two ratios. `settings`
+    changes Config fields for limit and ours alike (e.g. compile)."""
     from .data import load_cifar10
     exp = get_experiment(experiment)
+    settings = dict(settings or {})
     overrides = {"data_dir": data_dir, "download": download, "device": device, "batch_size": batch_size}
-    config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    config = exp.config.replace(**settings, **{k: v for k, v in overrides.items() if v is not None})
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)
     measure = {
@@ -170,11 +175,12 @@ def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None,
         "ours": lambda: measure_ours(experiment, config, device, steps, repeats),
         "seed-style": lambda: measure_seed_style(config, device, data, steps, repeats),
     }
-    flops = training_flops(model_and_step(config, device)[0])
+    flops = training_flops(model_and_step(config.replace(compile=False), device)[0])
     matmul, matmul_kind = matmul_flops_per_second(device)
     rates = {mode: measure[mode]() for mode in modes}
     result = {
-        "experiment": experiment, "batch_size": config.batch_size, "steps": steps, "repeats": repeats,
+        "experiment": experiment, "batch_size": config.batch_size, "settings": settings,
+        "steps": steps, "repeats": repeats,
         "device": device_name(device), "device_type": device.type, "torch": str(torch.__version__),
         "data_variant": data.variant, "training_flops_per_image": flops,
         "matmul": {"kind": matmul_kind, "flops_per_second": matmul},
@@ -191,7 +197,8 @@ def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None,
 def table(result):
     """The result as the text table `bench` prints (and results/bench.md holds)."""
     flops, matmul = result["training_flops_per_image"], result["matmul"]["flops_per_second"]
-    lines = [f"{result['experiment']}, batch {result['batch_size']}, {result['device']}, torch "
+    settings = "".join(f", {key}={value}" for key, value in result.get("settings", {}).items())
+    lines = [f"{result['experiment']}, batch {result['batch_size']}{settings}, {result['device']}, torch "
              f"{result['torch']}, {result['data_variant']} data; median of {result['repeats']} x "
              f"{result['steps']} steps",
              f"training FLOPs per image: {flops / 1e6:,.1f} M",
@@ -209,7 +216,9 @@ def record(result, command, bench_dir=BENCH_DIR):
     """Keep the result as results/bench/<device>-<experiment>-b<batch>.json and regenerate
     results/bench.md."""
     bench_dir = Path(bench_dir)
-    name = f"{result['device_type']}-{result['experiment'].replace('/', '-')}-b{result['batch_size']}"
+    settings = "".join(f"-{key}-{value}" for key, value in result.get("settings", {}).items())
+    name = re.sub(r"[^\w.-]", "_", f"{result['device_type']}-{result['experiment'].replace('/', '-')}"
+                                     f"-b{result['batch_size']}{settings}")
     write_atomic(bench_dir / f"{name}.json", json.dumps({**result, "command": command}, indent=2) + "\n")
     return write_markdown(bench_dir)
 

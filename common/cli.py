@@ -72,8 +72,10 @@ def cmd_bench(args):
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise UserError(f"unknown bench mode {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    config = get_experiment(args.experiment).config
+    settings = dict(parse_setting(config, text) for text in args.set)
     result = bench(args.experiment, args.device, args.batch_size, args.data_dir, args.steps,
-                   args.repeats, modes, download=not args.no_download)
+                   args.repeats, modes, download=not args.no_download, settings=settings)
     print(table(result))
     if args.json:
         from .history import write_atomic
@@ -169,6 +171,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=20, help="training steps per timed repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Config field for limit and ours alike, e.g. --set compile=true "
+                        "--set compile_mode=reduce-overhead")
     p.add_argument("--json", help="also write the result as JSON here")
     p.add_argument("--record", action="store_true", help="keep it in results/bench/ and results/bench.md")
 

@@ -11,6 +11,7 @@ from typing import Optional
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD_SEED = (0.2023, 0.1994, 0.2010)  # the widely copied values the original study used
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the training set's per-channel standard deviation
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class UserError(Exception):
@@ -55,6 +56,7 @@ class Config:
     averaging: str = "none"  # none, ema or lookahead: the weights evaluated and saved (training.WeightAverage)
     ema_decay: float = 0.999  # per step
     compile: bool = False  # torch.compile the training model
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     # augmentation, applied on the training device
     crop_padding: int = 4
     pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds
@@ -91,6 +93,8 @@ class Config:
             (self.averaging in ("none", "ema", "lookahead"),
              f"averaging is none, ema or lookahead, got {self.averaging!r}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"compile_mode is {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}"),
             (0.0 <= self.label_smoothing < 1.0,
              f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction of the run in [0, 1), got {self.warmup}"),

@@ -133,9 +133,14 @@ class WeightAverage:
     def __init__(self, model, mode, decay, total_steps):
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.mode, self.decay, self.total_steps = mode, decay, total_steps
-        # (average, live) tensor pairs, gathered once: state_dict() shares the tensors' storage,
-        # and loading a checkpoint copies into them in place, so the pairs stay valid all run.
-        self.pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        # The average's and the live model's tensors, gathered once: state_dict() shares the
+        # tensors' storage, and loading a checkpoint copies into them in place, so they stay valid
+        # all run. Floating-point state is averaged, counters copied; each list is updated by one
+        # foreach call rather than a kernel launch per tensor.
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self.averages, self.lives = [[p[i] for p in pairs if p[0].is_floating_point()] for i in (0, 1)]
+        self.counters, self.live_counters = [[p[i] for p in pairs if not p[0].is_floating_point()]
+                                             for i in (0, 1)]
 
     @torch.no_grad()
     def update(self, steps_done):
@@ -146,13 +151,11 @@ class WeightAverage:
             decay = self.decay ** self.LOOKAHEAD_EVERY * (steps_done / self.total_steps) ** 3
         else:
             decay = min(self.decay, (1 + steps_done) / (10 + steps_done))
-        for average, live in self.pairs:
-            if average.is_floating_point():
-                average.lerp_(live, 1 - decay)
-                if self.mode == "lookahead":
-                    live.copy_(average)
-            else:
-                average.copy_(live)
+        torch._foreach_lerp_(self.averages, self.lives, 1 - decay)
+        if self.mode == "lookahead":
+            torch._foreach_copy_(self.lives, self.averages)
+        if self.counters:
+            torch._foreach_copy_(self.counters, self.live_counters)
 
 
 def resolve_device(name):
@@ -380,7 +383,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
         torch.backends.cudnn.benchmark = True
     train_model, model = cluster.wrap(model, config.sync_batchnorm)
     if config.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=config.compile_mode)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     run = TrainingRun(exp, config, folder, cluster, model, train_model, optimizer,

@@ -25,6 +25,20 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, fake_data):
     assert table(saved) in md.read_text()
 
 
+def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path, fake_data, monkeypatch):
+    import torch
+    from common.bench import bench
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
+    result = bench("res_512", "cpu", 8, str(fake_data), steps=2, repeats=1, modes=("limit", "ours"),
+                   download=False, settings={"compile": True, "compile_mode": "reduce-overhead"})
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the limit's step, then the training loop
+    assert result["settings"] == {"compile": True, "compile_mode": "reduce-overhead"}
+    assert "res_512, batch 8, compile=True, compile_mode=reduce-overhead, CPU" in table(result)
+    record(result, "python -m common bench ...", tmp_path / "bench")
+    assert (tmp_path / "bench" / "cpu-res_512-b8-compile-True-compile_mode-reduce-overhead.json").is_file()
+
+
 def test_bench_refuses_an_unknown_mode():
     result = cli("bench", "--modes", "ours,warp")
     assert result.returncode == 2 and "unknown bench mode warp" in result.stderr

@@ -56,6 +56,8 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--data-dir", "{corrupt}", "--no-download"], "truncated or corrupt"),
     (["train", "res_512_d", "--set", "lr"], "expects key=value"),
     (["train", "res_512_d", "--set", "lr=fast"], "lr expects a float"),
+    (["train", "res_512_d", "--set", "compile_mode=fastest"], "compile_mode is default, reduce-overhead"),
+    (["bench", "--set", "compile=maybe"], "compile expects a bool"),
     (["frobnicate"], "invalid choice"),
     (["train", "res_512_d", "--seeds", "0"], "seeds must be at least 1"),
     (["train", "res_512_d", "--val", "-5"], "val must not be negative"),

@@ -172,6 +172,29 @@ def test_every_policy_op_keeps_shape_and_range(op):
         assert not torch.equal(out, x)
 
 
+@pytest.mark.parametrize("name", ["res_512_d", "fast94", "best_5m"])
+def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_path, tiny, monkeypatch):
+    """Between progress reports no op reads a value back from the device (boolean indexing's
+    nonzero, .item()): on a GPU each one would stall the queue of work."""
+    import types
+
+    from torch.profiler import profile
+    from tqdm import tqdm
+
+    from common import training
+    from common.distributed import Cluster
+    exp = EXPERIMENTS[name]
+    small = TINY_NET if exp.config.architecture == "cifar_resnet" else {}
+    config = exp.config.replace(**small, **tiny, epochs=2)
+    run = training.start_run(exp, config, tmp_path, torch.device("cpu"), Cluster(), overwrite=True,
+                             resume=False)
+    monkeypatch.setattr(training, "report_progress", lambda progress, position: None)
+    with profile() as prof:
+        training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True),
+                                 types.SimpleNamespace(signal=None))
+    assert {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}.isdisjoint(e.name for e in prof.events())
+
+
 # ---------------------------------------------------------------- evaluation: TTA, averaging
 
 def test_tta_views_weigh_to_one_and_change_a_position_sensitive_model():
@@ -286,6 +309,6 @@ def test_a_seed_trained_later_joins_the_summary_and_unfinished_ones_do_not(tmp_p
 
 def test_compile_wraps_the_training_model(tmp_path, tiny, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
-    train("res_512", out_dir=tmp_path, epochs=1, compile=True, **tiny)
-    assert len(compiled) == 1
+    monkeypatch.setattr(torch, "compile", lambda model, mode: compiled.append(mode) or model)
+    train("res_512", out_dir=tmp_path, epochs=1, compile=True, compile_mode="reduce-overhead", **tiny)
+    assert compiled == ["reduce-overhead"]
