@@ -162,7 +162,7 @@ def matmul_flops_per_second(device, repeats=5):
 def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None, steps=20, repeats=3,
           modes=MODES, download=True, settings=None):
     """Measure and return a JSON-able dict: the rates, FLOP rates and the two ratios. `settings`
-    changes Config fields for limit and ours alike (e.g. compile)."""
+    changes Config fields for every mode alike (e.g. compile)."""
     from .data import load_cifar10
     exp = get_experiment(experiment)
     settings = dict(settings or {})

@@ -3,6 +3,8 @@
 The whole dataset lives on the training device as uint8 (150 MB); every batch is augmented there in
 one `grid_sample` call, so no per-image PIL pipeline and no DataLoader workers feed the model.
 """
+import dataclasses
+import hashlib
 import math
 import pickle
 from dataclasses import dataclass
@@ -117,16 +119,34 @@ def read_batch(path):
 FULL_VARIANTS = ("official", "exact-offline", "jpeg75")  # all 60,000 images: a run on them is a result
 
 
-def detect_variant(train_filenames, n_train, n_test):
-    """Which copy of CIFAR-10 a folder holds, told apart by its file names and row counts."""
+# sha256 of the official CIFAR-10 pixels and labels as load_cifar10 reads them (content_digest).
+# The offline copy's build checks its pixels against the official md5 sums, so it has this
+# digest too, and is told apart by the placeholder file names it writes.
+OFFICIAL_DIGEST = "9048fcbac9c08a64d57a7c5a5a66750a974ad4eab380914df129f7e223d823df"
+
+
+def content_digest(*arrays):
+    """sha256 over the arrays' bytes (images uint8, labels little-endian int64), in order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def detect_variant(train_filenames, n_train, n_test, digest):
+    """Which copy of CIFAR-10 a folder holds. Only the official pixels and labels make "official"
+    or "exact-offline", whatever the files are called; other content in the same layout is
+    "unknown" and never a result. The lossy JPEG copy and the small subset are told by their
+    file names and row counts."""
     first = train_filenames[0] if train_filenames else ""
-    if first.startswith("train_"):  # placeholders written by shared/data/cifar10/build.py
-        if (n_train, n_test) == (50000, 10000):
-            return "exact-offline"
-        return "exact-small" if (n_train, n_test) == (4000, 1000) else "exact-offline-partial"
-    if first.endswith(".jpg"):
+    placeholders = first.startswith("train_")  # written by shared/data/cifar10/build.py
+    if digest == OFFICIAL_DIGEST:
+        return "exact-offline" if placeholders else "official"
+    if placeholders and (n_train, n_test) == (4000, 1000):
+        return "exact-small"
+    if first.endswith(".jpg") and (n_train, n_test) == (50000, 10000):
         return "jpeg75"
-    return "official" if (n_train, n_test) == (50000, 10000) else "unknown"
+    return "unknown"
 
 
 @dataclass
@@ -137,15 +157,15 @@ class Cifar10:
     test_labels: torch.Tensor
     folder: Path
     variant: str
+    digest: str  # content_digest of the folder as read: which images and labels these are
 
     def select_train(self, index):
-        return Cifar10(self.train_images[index], self.train_labels[index], self.test_images,
-                       self.test_labels, self.folder, self.variant)
+        return dataclasses.replace(self, train_images=self.train_images[index],
+                                   train_labels=self.train_labels[index])
 
     def to(self, device):
-        return Cifar10(*(t.to(device) for t in (self.train_images, self.train_labels,
-                                                self.test_images, self.test_labels)),
-                       self.folder, self.variant)
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in
+                                            ("train_images", "train_labels", "test_images", "test_labels")})
 
 
 def batches_folder(data_dir):
@@ -175,9 +195,10 @@ def load_cifar10(data_dir=None, allow_download=True):
     test_images, test_labels, _ = read_batch(folder / TEST_FILE)
     train_images = np.concatenate([images for images, _, _ in train])
     train_labels = np.concatenate([labels for _, labels, _ in train])
-    variant = detect_variant(train[0][2], len(train_labels), len(test_labels))
+    digest = content_digest(train_images, train_labels, test_images, test_labels)
+    variant = detect_variant(train[0][2], len(train_labels), len(test_labels), digest)
     return Cifar10(torch.from_numpy(train_images), torch.from_numpy(train_labels),
-                   torch.from_numpy(test_images), torch.from_numpy(test_labels), folder, variant)
+                   torch.from_numpy(test_images), torch.from_numpy(test_labels), folder, variant, digest)
 
 
 def stratified_subset(labels, size, seed):

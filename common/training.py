@@ -531,7 +531,7 @@ def describe_run(run, device, full_budget):
         "evaluated_each_epoch": (f"validation: {config.val} held-out training images" if config.val
                                  else "test set"),
         "budget": "full" if full_budget else "smoke",
-        "data": {"folder": str(run.data.folder), "variant": run.data.variant,
+        "data": {"folder": str(run.data.folder), "variant": run.data.variant, "sha256": run.data.digest,
                  "train_images": len(run.data.train_labels), "test_images": len(run.test[1]),
                  "val_images": config.val},
         "device": {"type": device.type, "name": device_name(device)},

@@ -32,15 +32,31 @@ def test_data_dir_may_name_the_batches_folder_itself(fake_data):
     assert len(d.test_labels) == TEST_IMAGES
 
 
-@pytest.mark.parametrize("names, counts, variant", [
-    (["train_00000.png"], (50000, 10000), "exact-offline"),
-    (["train_00000.png"], (4000, 1000), "exact-small"),
-    (["train/frog/0000.jpg"], (50000, 10000), "jpeg75"),
-    (["leptodactylus_pentadactylus_s_000004.png"], (50000, 10000), "official"),
-    (["leptodactylus_pentadactylus_s_000004.png"], (100, 10), "unknown"),
+OFFICIAL, OTHER = cifar.OFFICIAL_DIGEST, "0" * 64
+REAL_NAME = "leptodactylus_pentadactylus_s_000004.png"
+
+
+@pytest.mark.parametrize("names, counts, digest, variant", [
+    (["train_00000.png"], (50000, 10000), OFFICIAL, "exact-offline"),
+    ([REAL_NAME], (50000, 10000), OFFICIAL, "official"),
+    ([REAL_NAME], (50000, 10000), OTHER, "unknown"),  # official names and sizes, other pictures
+    (["train_00000.png"], (50000, 10000), OTHER, "unknown"),
+    (["train_00000.png"], (4000, 1000), OTHER, "exact-small"),
+    (["train/frog/0000.jpg"], (50000, 10000), OTHER, "jpeg75"),
+    ([REAL_NAME], (100, 10), OTHER, "unknown"),
 ])
-def test_variant_is_told_by_file_names_and_row_counts(names, counts, variant):
-    assert cifar.detect_variant(names, *counts) == variant
+def test_only_the_official_content_is_official(names, counts, digest, variant):
+    assert cifar.detect_variant(names, *counts, digest) == variant
+
+
+def test_the_content_digest_sees_every_pixel_and_label(fake_data):
+    d = cifar.load_cifar10(fake_data, allow_download=False)
+    arrays = [t.numpy().copy() for t in (d.train_images, d.train_labels, d.test_images, d.test_labels)]
+    assert cifar.content_digest(*arrays) == d.digest
+    for which, index in [(0, (7, 2, 31, 0)), (1, 3), (2, (0, 0, 0, 0)), (3, 49)]:
+        changed = [a.copy() for a in arrays]
+        changed[which][index] = (changed[which][index] + 1) % 10
+        assert cifar.content_digest(*changed) != d.digest
 
 
 

@@ -16,5 +16,7 @@ DATA_DIR = os.environ.get("CIFAR10_DATA_DIR")
 def test_res_512_d_one_epoch_on_real_data_reaches_35_percent(tmp_path):
     run = train("res_512_d", out_dir=tmp_path, epochs=1, data_dir=DATA_DIR, download=False, device="cpu")
     assert run.info["data"]["train_images"] == 50_000 and run.info["data"]["test_images"] == 10_000
+    # the official pixels and labels, recognised by their digest (common.data.OFFICIAL_DIGEST)
+    assert run.info["data"]["variant"] in ("official", "exact-offline")
     print(run.summary(), f"{run.info['train_images_per_second'][0]:.0f} training images/s")
     assert run.history["test_acc"][0] >= 0.35
