@@ -243,6 +243,13 @@ def percent(stat):
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def duration(seconds):
+    """'4.7 s' or '4.2 min'; '-' where unknown."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def summary_rows(groups):
     """One row per experiment: what was measured (its representative run's budget; a multi-seed
     group as mean ± std over its seeds) beside what the original study published."""
@@ -251,7 +258,7 @@ def summary_rows(groups):
         runs = groups.get(name) or []
         published = published_text(exp)
         if not runs:
-            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published, "-"])
+            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published, "-", "-"])
             continue
         run = min(runs, key=lambda r: r.smoke)
         runs = [r for r in runs if r.smoke == run.smoke]
@@ -260,8 +267,14 @@ def summary_rows(groups):
                      ", ".join(str(r.info.get("seed", "?")) for r in runs),
                      percent(mean_std([100 * max(r.history["test_acc"]) for r in runs])),
                      percent(mean_std([100 * r.history["test_acc"][-1] for r in runs])), published,
-                     final_evaluation_text(runs)])
+                     final_evaluation_text(runs), duration(mean_wall_seconds(runs))])
     return rows
+
+
+def mean_wall_seconds(runs):
+    """Mean wall time per run, over the runs whose run.json records it; None where none does."""
+    times = [run.info["wall_seconds"] for run in runs if "wall_seconds" in run.info]
+    return statistics.fmean(times) if times else None
 
 
 def final_evaluation_text(runs):
@@ -279,7 +292,7 @@ def published_text(exp):
 
 
 SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seeds",
-                   "best test %", "final test %", "original study %", "end-of-run test %"]
+                   "best test %", "final test %", "original study %", "end-of-run test %", "wall time / run"]
 
 
 def summary_table(groups, path):

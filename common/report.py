@@ -28,8 +28,9 @@ from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate
 from torch import nn
 
 from .charts import (ARCHITECTURES, BEYOND, EQUAL_EPOCHS, README, RESULTS_DIR, TRAIN_VS_TEST,
-                     collect_checks, collect_groups, equal_epochs_runs, group_members, make_charts,
-                     markdown_table, mean_std, percent, published_text, representative_runs, save)
+                     collect_checks, collect_groups, duration, equal_epochs_runs, group_members,
+                     make_charts, markdown_table, mean_std, mean_wall_seconds, percent, published_text,
+                     representative_runs, save)
 from .config import Config
 from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
@@ -225,8 +226,7 @@ class Row:
     @property
     def wall_seconds(self):
         """Mean wall time per run, where run.json records it."""
-        times = [run.info["wall_seconds"] for run in self.runs if "wall_seconds" in run.info]
-        return statistics.fmean(times) if times else None
+        return mean_wall_seconds(self.runs)
 
     @property
     def provenance(self):
@@ -248,12 +248,6 @@ def summary_rows_by_budget(groups):
             smoke.append(Row(name, "smoke", reduced))
     return headline, smoke
 
-
-
-def minutes(seconds):
-    if seconds is None:
-        return "-"
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def number(value):
@@ -293,7 +287,7 @@ def markdown_values(row):
     return [row.experiment, row.setting("architecture"), *cost_cells(row.parameters, row.multiply_adds),
             row.epochs, row.setting("optimizer"), row.activation,
             row.data, row.device, row.seeds, percent(row.best), percent(row.final), end_of_run(row),
-            minutes(row.wall_seconds), published_text(EXPERIMENTS[row.experiment])]
+            duration(row.wall_seconds), published_text(EXPERIMENTS[row.experiment])]
 
 
 def end_of_run(row):
@@ -512,7 +506,7 @@ RESULT_COLUMNS = ["experiment", "epochs", "data", "device", "seeds", "best test 
 
 def result_values(row):
     return [row.experiment, row.epochs, row.data, row.device, row.seeds, percent(row.best),
-            percent(row.final), end_of_run(row), minutes(row.wall_seconds),
+            percent(row.final), end_of_run(row), duration(row.wall_seconds),
             published_text(EXPERIMENTS[row.experiment])]
 
 
@@ -593,7 +587,7 @@ def beyond_section(headline, figures, runs, equal_epochs, tables):
                 verdict += f" on {len(row.runs)} of the {seeds} seeds the target asks for"
         pflops = "-" if row.training_pflops is None else f"{row.training_pflops:.3f}"
         rows.append([name, f"≥ {target:.1f}% in ≤ {epochs} epochs, mean of {seeds} seeds", *ours(row)[:2],
-                     end_of_run(row), pflops, minutes(row.wall_seconds), verdict, ours(row)[2]])
+                     end_of_run(row), pflops, duration(row.wall_seconds), verdict, ours(row)[2]])
     return [
         para("5. Beyond the original study", "h1"),
         para("The original study's networks shrink the image fourfold before the first residual block "

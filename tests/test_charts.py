@@ -64,7 +64,7 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
     (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d",
                                                 "train_images_per_second": [480.4]}))
     text = results_markdown(collect_groups(tmp_path / "training"), collect_checks(tmp_path / "checks"))
-    assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 |" in text
+    assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 | 86.12/86.07 | - | - |" in text
     assert "res_block" not in text  # a smoke run is no result
     assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 | - |" in text
 
@@ -96,8 +96,8 @@ def test_readme_results_give_a_seed_group_as_mean_and_std_of_its_full_runs(tmp_p
         folder = training / "best_5m" / f"seed{seed}"
         fake_run(folder, acc, budget=budget)
         info = json.loads((folder / "run.json").read_text())
-        (folder / "run.json").write_text(json.dumps({**info, "seed": seed, "final_evaluation": {
-            "test_acc": acc[-1] + 0.01, "tta": True}}))
+        (folder / "run.json").write_text(json.dumps({**info, "seed": seed, "wall_seconds": 100.0 + 40 * seed,
+                                                    "final_evaluation": {"test_acc": acc[-1] + 0.01, "tta": True}}))
     text = results_markdown(collect_groups(training), [])
     assert "| best_5m | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0, 1 | 85.00 ± 7.07 | " \
-           "85.00 ± 7.07 | - | 86.00 ± 7.07 (TTA) |" in text
+           "85.00 ± 7.07 | - | 86.00 ± 7.07 (TTA) | 2.0 min |" in text  # wall time: mean of 100 s and 140 s
