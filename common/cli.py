@@ -96,6 +96,10 @@ def cmd_study(args):
     extra = [str(v) for flag, value in passthrough.items() if value is not None for v in (flag, value)]
     if args.no_download:
         extra.append("--no-download")
+    for name in names:  # settings are checked against every experiment before any process starts
+        config = get_experiment(name).config
+        config.replace(**dict(parse_setting(config, text) for text in args.set))
+    extra += [v for text in args.set for v in ("--set", text)]
     outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
                      out_root=args.out_root)
     failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
@@ -189,6 +193,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int)
     p.add_argument("--data-dir")
     p.add_argument("--no-download", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Config field for every experiment, e.g. --set compile=true")
 
     p = commands.add_parser("notebooks", help="rewrite the experiments' notebooks from the registry")
     p.add_argument("--check", action="store_true", help="only report notebooks that differ")

@@ -61,3 +61,14 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     assert broken.returncode == 2
     assert "res_block: failed (exit 2): error: no CIFAR-10 at" in broken.stdout
     assert "2 of 2 experiment(s) failed" in broken.stderr
+
+
+def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake_data):
+    args = ["study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "1",
+            "--batch-size", "64", "--data-dir", fake_data, "--no-download"]
+    result = cli(*args, "--set", "lr=0.05")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "res_512" / "run.json").read_text())["config"]["lr"] == 0.05
+    refused = cli(*args, "--set", "compile_mode=fastest")
+    assert refused.returncode == 2 and "compile_mode is default" in refused.stderr
+    assert "started" not in refused.stdout
