@@ -8,6 +8,7 @@ killed mid-write leaves the previous complete version, never half a file.
 import json
 import math
 import os
+import statistics
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,10 +156,9 @@ def write_seeds_summary(folder):
         raise UserError(f"{folder} holds no complete seed<N>/ run to summarise")
     accuracies = [info["final_evaluation"]["test_acc"] if info.get("final_evaluation")
                   else read_history(f)["test_acc"][-1] for f, info in runs]
-    mean = sum(accuracies) / len(accuracies)
-    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else 0.0
     summary = {"experiment": runs[0][1]["experiment"], "seeds": [info["seed"] for _, info in runs],
-               "final_test_acc": accuracies, "mean": mean, "std": std,
+               "final_test_acc": accuracies, "mean": statistics.fmean(accuracies),
+               "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                "folders": [f.name for f, _ in runs]}
     write_atomic(Path(folder) / SEEDS_FILE, json.dumps(summary, indent=2) + "\n")
     return summary

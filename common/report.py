@@ -78,8 +78,8 @@ FIGURES = {
                         group_members("changing_activations")),
     "optimisers.png": ("Optimiser sweep: test accuracy against epoch", group_members("changing_optimisers")),
 }
-# What fast94 and best_5m set out to reach (the issue's targets), by experiment: (test %, epochs).
-# Test accuracy % to reach, within how many epochs, as a mean over how many seeds (issue 3).
+# What fast94 and best_5m set out to reach (issue 3): test %, within how many epochs, as a mean
+# over how many seeds.
 TARGETS = {"fast94": (94.0, 10, 3), "best_5m": (96.5, 200, 3)}
 SWEEP_FIGURES = {"changing_activations": "activations.png", "changing_optimisers": "optimisers.png"}
 
@@ -247,7 +247,6 @@ def summary_rows_by_budget(groups):
         if reduced:
             smoke.append(Row(name, "smoke", reduced))
     return headline, smoke
-
 
 
 def number(value):
