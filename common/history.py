@@ -146,6 +146,13 @@ def seed_folders(folder):
     return sorted(found, key=lambda f: int(f.name[len("seed"):]))
 
 
+def final_test_acc(info, history):
+    """The test accuracy a run ends with: its end-of-run evaluation's (with test-time augmentation,
+    or the only test evaluation of a --val run) where run.json has one, else the last epoch's."""
+    final = info.get("final_evaluation")
+    return final["test_acc"] if final else history["test_acc"][-1]
+
+
 def write_seeds_summary(folder):
     """Write SEEDS_FILE for the multi-seed group in `folder` from every complete seed<N>/ run in it
     (also those of earlier commands): each one's final test accuracy (its end-of-run evaluation
@@ -154,8 +161,7 @@ def write_seeds_summary(folder):
     runs = [(f, info) for f, info in runs if info.get("status") == "complete"]
     if not runs:
         raise UserError(f"{folder} holds no complete seed<N>/ run to summarise")
-    accuracies = [info["final_evaluation"]["test_acc"] if info.get("final_evaluation")
-                  else read_history(f)["test_acc"][-1] for f, info in runs]
+    accuracies = [final_test_acc(info, read_history(f)) for f, info in runs]
     summary = {"experiment": runs[0][1]["experiment"], "seeds": [info["seed"] for _, info in runs],
                "final_test_acc": accuracies, "mean": statistics.fmean(accuracies),
                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,

@@ -9,7 +9,6 @@ and rewrites the history files, run.json and checkpoint.
 import contextlib
 import copy
 import datetime
-import json
 import math
 import platform
 import random
@@ -32,7 +31,7 @@ from .config import Config, UserError
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
-                      read_run_info, run_lock, save_tensors, write_atomic, write_history, write_run_info,
+                      final_test_acc, read_run_info, run_lock, save_tensors, write_history, write_run_info,
                       write_seeds_summary)
 from .models import (count_parameters, model_from_config, model_options, multiply_adds,
                      training_flops)
@@ -209,11 +208,8 @@ class Run:
 
     @property
     def final_test_acc(self):
-        """The test accuracy the run ends with: its final evaluation's (with test-time
-        augmentation, or the only test evaluation of a --val run) where there is one, else the
-        last epoch's."""
-        final = self.info.get("final_evaluation")
-        return final["test_acc"] if final else self.history["test_acc"][-1]
+        """The test accuracy the run ends with (history.final_test_acc)."""
+        return final_test_acc(self.info, self.history)
 
     def summary(self):
         evaluated = "val" if "val_acc" in self.history else "test"
