@@ -57,9 +57,7 @@ def model_and_step(config, device):
     """A fresh model on the device and a function doing one training step on (x, y), through
     torch.compile where the config asks for it, as the training loop does."""
     torch.manual_seed(config.seed)
-    model = model_from_config(config).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare(model_from_config(config).to(device))
     optimizer = make_optimizer(model, config)
     autocast = autocast_for(device)
     train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model

@@ -38,6 +38,7 @@ class Config:
     whiten: Optional[bool] = None  # frozen 2x2 patch-whitening stem
     squeeze_excitation: Optional[bool] = None
     preact: Optional[bool] = None  # pre-activation residual blocks
+    block_convs: Optional[int] = None  # 3x3 convs in a residual block's body: 2 (basic block) or 1
     # optimisation
     epochs: int = 200
     batch_size: int = 128

@@ -175,20 +175,20 @@ def conv3x3(cin, cout):
 
 
 class CifarBlock(nn.Module):
-    """x + body(x), body two 3x3 convs: post-activation conv-BN-act-conv-BN-act, or with `preact`
-    BN-act-conv-BN-act-conv; optional dropout after the first activation and squeeze-excitation
-    at the end of the body."""
+    """x + body(x), the body `convs` 3x3 convs (2: the basic block), each post-activation
+    conv-BN-act or with `preact` BN-act-conv; optional dropout after the first activation and
+    squeeze-excitation at the end of the body."""
 
-    def __init__(self, channels, activation, dropout, squeeze_excitation, preact):
+    def __init__(self, channels, activation, dropout, squeeze_excitation, preact, convs=2):
         super().__init__()
-        act = partial(activation_layer, activation)
-        drop = [nn.Dropout(dropout)] if dropout else []
-        if preact:
-            layers = [norm(channels), act(), *drop, conv3x3(channels, channels), norm(channels), act(),
-                      conv3x3(channels, channels)]
-        else:
-            layers = [conv3x3(channels, channels), norm(channels), act(), *drop,
-                      conv3x3(channels, channels), norm(channels), act()]
+        layers = []
+        for _ in range(convs):
+            unit = [norm(channels), activation_layer(activation), conv3x3(channels, channels)] if preact \
+                else [conv3x3(channels, channels), norm(channels), activation_layer(activation)]
+            layers += unit
+        if dropout:
+            first_activation = 1 if preact else 2
+            layers.insert(first_activation + 1, nn.Dropout(dropout))
         if squeeze_excitation:
             layers.append(SqueezeExcitation(channels, activation))
         self.body = nn.Sequential(*layers)
@@ -200,16 +200,18 @@ class CifarBlock(nn.Module):
 class CifarResNet(nn.Module):
     """CIFAR-style residual network: a stem at full resolution (frozen 2x2 patch whitening, or a
     3x3 conv-BN-act), then per stage a 3x3 conv, 2x2 max-pool, BN, activation and `blocks[i]`
-    residual blocks of width `widths[i]`; global max-pool, a bias-free linear layer whose logits
+    residual blocks of width `widths[i]` and `block_convs` convs each; global max-pool, a bias-free linear layer whose logits
     are scaled by `logit_scale` (small logits early make the start of training stable)."""
 
     def __init__(self, widths, blocks, whiten=True, squeeze_excitation=False, preact=False,
-                 activation="gelu", dropout=0.0, softmax_output=False, logit_scale=1 / 9,
-                 num_classes=10):
+                 activation="gelu", dropout=0.0, softmax_output=False, block_convs=2,
+                 logit_scale=1 / 9, num_classes=10):
         super().__init__()
         if len(widths) != len(blocks) or not widths:
             raise UserError(f"widths and blocks need one entry per stage, got {list(widths)} and "
                             f"{list(blocks)}")
+        if block_convs not in (1, 2):
+            raise UserError(f"block_convs is 1 or 2, got {block_convs}")
         if whiten:
             self.stem = nn.Sequential(PatchWhitening(), activation_layer(activation))
             cin = self.stem[0].out_channels
@@ -220,7 +222,7 @@ class CifarResNet(nn.Module):
         for width, count in zip(widths, blocks):
             stages.append(nn.Sequential(
                 conv3x3(cin, width), nn.MaxPool2d(2), norm(width), activation_layer(activation),
-                *(CifarBlock(width, activation, dropout, squeeze_excitation, preact)
+                *(CifarBlock(width, activation, dropout, squeeze_excitation, preact, block_convs)
                   for _ in range(count))))
             cin = width
         self.stages = nn.Sequential(*stages)
@@ -241,9 +243,9 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(widths=(64, 256, 256), blocks=(1, 1, 1), whiten=True, squeeze_excitation=False,
-                 preact=False, activation="gelu", dropout=0.0, softmax_output=False):
+                 preact=False, activation="gelu", dropout=0.0, softmax_output=False, block_convs=2):
     return CifarResNet(tuple(widths), tuple(blocks), whiten, squeeze_excitation, preact, activation,
-                       dropout, softmax_output)
+                       dropout, softmax_output, block_convs)
 
 
 ARCHITECTURES = {f.__name__: f for f in (og_resnet, og_64_resnet, res_512, res_512_d, res_block,
@@ -271,7 +273,7 @@ def build_model(architecture, **options):
 
 
 MODEL_OPTIONS = ("activation", "dropout", "softmax_output", "widths", "blocks", "whiten",
-                 "squeeze_excitation", "preact")
+                 "squeeze_excitation", "preact", "block_convs")
 
 
 def model_options(config):

