@@ -4,7 +4,6 @@ shown as "not run", never invented. Every label carries where its numbers came f
 Chart files are drawn on bare `Figure`s, so making them never touches pyplot's backend or state
 (a notebook keeps its inline plots); `plot_run` is the one pyplot figure, meant for display.
 """
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
+from .summary import SUMMARY_COLUMNS, end_of_run, headline_row, summary_rows
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -211,7 +211,7 @@ def results_markdown(groups, checks):
              "end-of-run test %"],
             [[name, run.name, run.epochs, run.variant, run.device, run.info.get("seed", "?"),
               f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}",
-              final_evaluation_text([run])]
+              end_of_run(headline_row(run.name, [run]))]
              for name, run in checks]))
     return "\n\n".join(parts)
 
@@ -226,73 +226,6 @@ def update_readme(text, readme=README):
     head, rest = content.split(start, 1)
     readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
     return True
-
-
-def mean_std(values):
-    """(mean, sample standard deviation or None for a single value), or None for no values."""
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def percent(stat):
-    """'86.67', or '86.67 ± 0.12' over seeds, or '-' when not run."""
-    if stat is None:
-        return "-"
-    mean, std = stat
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
-def duration(seconds):
-    """'4.7 s' or '4.2 min'; '-' where unknown."""
-    if seconds is None:
-        return "-"
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def summary_rows(groups):
-    """One row per experiment: what was measured (its representative run's budget; a multi-seed
-    group as mean ± std over its seeds) beside what the original study published."""
-    rows = []
-    for name, exp in EXPERIMENTS.items():
-        runs = groups.get(name) or []
-        published = published_text(exp)
-        if not runs:
-            rows.append([name, "-", "not run", "-", "-", "-", "-", "-", published, "-", "-"])
-            continue
-        run = min(runs, key=lambda r: r.smoke)
-        runs = [r for r in runs if r.smoke == run.smoke]
-        rows.append([name, f"{run.info.get('trainable_parameters', 0):,}",
-                     run.epochs + (" smoke" if run.smoke else ""), run.variant, run.device,
-                     ", ".join(str(r.info.get("seed", "?")) for r in runs),
-                     percent(mean_std([100 * max(r.history["test_acc"]) for r in runs])),
-                     percent(mean_std([100 * r.history["test_acc"][-1] for r in runs])), published,
-                     final_evaluation_text(runs), duration(mean_wall_seconds(runs))])
-    return rows
-
-
-def mean_wall_seconds(runs):
-    """Mean wall time per run, over the runs whose run.json records it; None where none does."""
-    times = [run.info["wall_seconds"] for run in runs if "wall_seconds" in run.info]
-    return statistics.fmean(times) if times else None
-
-
-def final_evaluation_text(runs):
-    """The test accuracy of the runs' final evaluation, e.g. '94.12 (TTA)' or '94.12 ± 0.10 (TTA)',
-    or '-' where they made none."""
-    finals = [r.info["final_evaluation"] for r in runs if r.info.get("final_evaluation")]
-    if not finals:
-        return "-"
-    return percent(mean_std([100 * f["test_acc"] for f in finals])) + (" (TTA)" if finals[0]["tta"] else "")
-
-
-def published_text(exp):
-    """The original study's best/final test % of an experiment, e.g. '86.67/86.55', or '-'."""
-    return "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
-
-
-SUMMARY_COLUMNS = ["experiment", "trainable params", "epochs", "data", "device", "seeds",
-                   "best test %", "final test %", "original study %", "end-of-run test %", "wall time / run"]
 
 
 def summary_table(groups, path):

@@ -8,12 +8,9 @@ typed here are PUBLIC_ANCHORS: published figures of others, quoted and attribute
 """
 import csv
 import dataclasses
-import functools
 import io
 import itertools
 import json
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -28,17 +25,17 @@ from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate
 from torch import nn
 
 from .charts import (ARCHITECTURES, BEYOND, EQUAL_EPOCHS, README, RESULTS_DIR, TRAIN_VS_TEST,
-                     collect_checks, collect_groups, duration, equal_epochs_runs, group_members,
-                     make_charts, markdown_table, mean_std, mean_wall_seconds, percent, published_text,
-                     representative_runs, save)
+                     collect_checks, collect_groups, equal_epochs_runs, group_members, make_charts,
+                     markdown_table, representative_runs, save)
 from .config import Config
 from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import write_atomic
-from .models import PARAMETER_BUDGET, count_parameters, model_from_config, model_options, multiply_adds
+from .models import PARAMETER_BUDGET, model_options
+from .summary import (IMAGE_SIZE, cost_cells, duration, end_of_run, meta_model, model_costs, percent,
+                      published_text, summary_rows_by_budget)
 
 REPORT_FILE = "Project Report.pdf"
-IMAGE_SIZE = (3, 32, 32)  # one CIFAR-10 image, channels first
 
 # Published figures of others under the same 5M budget (the study notes' public anchors): quoted
 # with their attribution, never measured here. (model, trainable parameters, test %, recipe)
@@ -86,21 +83,6 @@ SWEEP_FIGURES = {"changing_activations": "activations.png", "changing_optimisers
 
 # ---------------------------------------------------------------- what the code says about the models
 
-@functools.lru_cache(maxsize=None)
-def meta_model(config):
-    """A config's model on the meta device: shapes only, no weights allocated or initialised, so
-    counting all fourteen costs milliseconds."""
-    with torch.device("meta"):
-        return model_from_config(config)
-
-
-@functools.lru_cache(maxsize=None)
-def model_costs(config):
-    """(trainable parameters, multiply-adds per image) of a config's model, counted by the code."""
-    model = meta_model(config)
-    return count_parameters(model), multiply_adds(model, (1, *IMAGE_SIZE))
-
-
 def stages_text(model):
     """'64x3, 128x6/2, 512x1/2': output channels x blocks per stage, /2 where it starts with stride 2."""
     stages = []  # [channels, blocks, first stride]
@@ -129,11 +111,6 @@ def architecture_rows():
     return rows
 
 
-def cost_cells(params, macs):
-    """Trainable parameters and multiply-adds per image, as tables show them."""
-    return [f"{params:,}", f"{macs / 1e6:.1f}M"]
-
-
 def config_changes(config):
     """The fields where a config differs from Config's defaults, as 'key=value'."""
     default = Config()
@@ -141,113 +118,7 @@ def config_changes(config):
                      if getattr(config, f.name) != getattr(default, f.name))
 
 
-# ---------------------------------------------------------------- the summary rows
-
-@dataclass
-class Row:
-    """One line of the summary: an experiment's runs of one budget ("full" or "smoke"), ordered by
-    seed, or the experiment without a full-budget run ("not run", no runs)."""
-    experiment: str
-    budget: str
-    runs: list
-
-    @property
-    def config(self):
-        return EXPERIMENTS[self.experiment].config
-
-    def from_runs(self, value, default):
-        """The distinct values of value(run) over the runs, joined; `default` when there is no run."""
-        return "; ".join(dict.fromkeys(str(value(run)) for run in self.runs)) or str(default)
-
-    def setting(self, key):
-        """A Config field as the runs recorded it, else as the registry defines it."""
-        planned = getattr(self.config, key)
-        return self.from_runs(lambda run: run.info.get("config", {}).get(key, planned), planned)
-
-    def recorded(self, key, counted):
-        """A number the run recorded in run.json, else the code's count for the registry's config."""
-        return self.runs[0].info[key] if self.runs and key in self.runs[0].info else counted()
-
-    @property
-    def parameters(self):
-        return self.recorded("trainable_parameters", lambda: model_costs(self.config)[0])
-
-    @property
-    def multiply_adds(self):
-        return self.recorded("multiply_adds_per_image", lambda: model_costs(self.config)[1])
-
-    @property
-    def activation(self):
-        planned = model_options(self.config)["activation"]
-        return self.from_runs(lambda run: run.info.get("model", {}).get("activation", planned), planned)
-
-    @property
-    def epochs(self):
-        return self.from_runs(lambda run: run.epochs, f"{self.config.epochs} ep planned")
-
-    @property
-    def data(self):
-        return self.from_runs(lambda run: run.variant, "-")
-
-    @property
-    def device(self):
-        return self.from_runs(lambda run: run.device, "-")
-
-    @property
-    def seeds(self):
-        return ", ".join(str(run.info.get("seed", "?")) for run in self.runs) or "-"
-
-    @property
-    def best(self):
-        return mean_std([100 * max(run.history["test_acc"]) for run in self.runs])
-
-    @property
-    def final(self):
-        return mean_std([100 * run.history["test_acc"][-1] for run in self.runs])
-
-    @property
-    def final_evaluation(self):
-        """The test % of the runs' final evaluation (with test-time augmentation, or after --val),
-        over the runs that made one."""
-        finals = [run.info["final_evaluation"] for run in self.runs if run.info.get("final_evaluation")]
-        return mean_std([100 * f["test_acc"] for f in finals])
-
-    @property
-    def tta(self):
-        return any((run.info.get("final_evaluation") or {}).get("tta") for run in self.runs)
-
-    @property
-    def training_pflops(self):
-        """Training FLOPs per run (one batch's forward and backward, counted, times images seen)."""
-        counted = [run.info["training_flops_per_image"] * run.info["data"]["train_images"]
-                   * len(run.history["test_acc"]) for run in self.runs if "training_flops_per_image" in run.info]
-        return statistics.fmean(counted) / 1e15 if counted else None
-
-    @property
-    def wall_seconds(self):
-        """Mean wall time per run, where run.json records it."""
-        return mean_wall_seconds(self.runs)
-
-    @property
-    def provenance(self):
-        """e.g. 'exact-offline, 200 ep, seeds 0, 1, 2, H100 80GB HBM3', with ', SMOKE' for smoke runs."""
-        seeds = "seeds" if len(self.runs) > 1 else "seed"
-        text = f"{self.data}, {self.epochs}, {seeds} {self.seeds}, {self.device}"
-        return text + (", SMOKE" if self.budget == "smoke" else "")
-
-
-def summary_rows_by_budget(groups):
-    """Headline rows, one per experiment (its full-budget runs, or "not run"), and smoke rows,
-    one per experiment that has smoke runs."""
-    headline, smoke = [], []
-    for name, runs in groups.items():
-        full = [run for run in runs if not run.smoke]
-        headline.append(Row(name, "full" if full else "not run", full))
-        reduced = [run for run in runs if run.smoke]
-        if reduced:
-            smoke.append(Row(name, "smoke", reduced))
-    return headline, smoke
-
+# ---------------------------------------------------------------- the summary files
 
 def number(value):
     return "" if value is None else f"{value:.2f}"
@@ -287,11 +158,6 @@ def markdown_values(row):
             row.epochs, row.setting("optimizer"), row.activation,
             row.data, row.device, row.seeds, percent(row.best), percent(row.final), end_of_run(row),
             duration(row.wall_seconds), published_text(EXPERIMENTS[row.experiment])]
-
-
-def end_of_run(row):
-    """'94.12 (TTA)': the final evaluation's test %, or '-' where the runs made none."""
-    return "-" if row.final_evaluation is None else percent(row.final_evaluation) + (" (TTA)" if row.tta else "")
 
 
 def summary_markdown(headline, smoke):

@@ -4,6 +4,7 @@ from PIL import Image
 
 from common.charts import collect_groups, make_charts, summary_rows
 from common.experiments import EXPERIMENTS
+from common.models import count_parameters, model_from_config
 from common.history import write_history, write_run_info
 
 
@@ -50,8 +51,11 @@ def test_charts_are_deterministic(tmp_path):
 
 def test_no_runs_means_everything_not_run(tmp_path):
     rows = summary_rows(collect_groups(tmp_path))
-    assert all(row[2] == "not run" for row in rows)
+    assert all(row[2] == "not run" and row[6] == "-" for row in rows)
     assert json.dumps(rows)  # plain values only
+    # what is not measured but counted by the code is still given: the parameters
+    assert [row[1] for row in rows] == [f"{count_parameters(model_from_config(e.config)):,}"
+                                        for e in EXPERIMENTS.values()]
 
 
 def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
