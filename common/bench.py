@@ -57,14 +57,14 @@ def model_and_step(config, device):
     """A fresh model on the device and a function doing one training step on (x, y), through
     torch.compile where the config asks for it, as the training loop does."""
     torch.manual_seed(config.seed)
-    model = prepare(model_from_config(config).to(device))
+    model = prepare(model_from_config(config).to(device), config)
     optimizer = make_optimizer(model, config)
     autocast = autocast_for(device)
     train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     def step(x, y):
         with autocast:
-            loss = F.cross_entropy(train_model(prepare(x)).float(), y)
+            loss = F.cross_entropy(train_model(prepare(x, config)).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

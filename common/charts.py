@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
-from .summary import SUMMARY_COLUMNS, end_of_run, headline_row, summary_rows
+from .summary import SUMMARY_COLUMNS, end_of_run, headline_row, settings_changed, summary_rows
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -207,13 +207,18 @@ def results_markdown(groups, checks):
         parts.append("Checks (reduced budgets or changed settings, in `results/checks/`: measurements "
                      "of the code, not results):")
         parts.append(markdown_table(
-            ["check", "experiment", "epochs", "data", "device", "seed", "training images/s", "test %",
-             "end-of-run test %"],
-            [[name, run.name, run.epochs, run.variant, run.device, run.info.get("seed", "?"),
-              f"{run.info['train_images_per_second'][-1]:,.0f}", f"{100 * run.history['test_acc'][-1]:.2f}",
-              end_of_run(headline_row(run.name, [run]))]
-             for name, run in checks]))
+            ["check", "experiment", "changed settings", "epochs", "data", "device", "seed",
+             "training images/s", "test %", "end-of-run test %"],
+            [check_cells(name, run) for name, run in checks]))
     return "\n\n".join(parts)
+
+
+def check_cells(name, run):
+    row = headline_row(run.name, [run])
+    rates = run.info.get("train_images_per_second")
+    return [name, run.name, settings_changed(row) or "none", run.epochs, run.variant, run.device,
+            run.info.get("seed", "?"), f"{rates[-1]:,.0f}" if rates else "-",
+            f"{100 * run.history['test_acc'][-1]:.2f}", end_of_run(row)]
 
 
 def update_readme(text, readme=README):

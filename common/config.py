@@ -58,6 +58,7 @@ class Config:
     ema_decay: float = 0.999  # per step
     compile: bool = False  # torch.compile the training model
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
+    channels_last: bool = True  # images and weights in the channels-last layout (training.prepare)
     # augmentation, applied on the training device
     crop_padding: int = 4
     pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds

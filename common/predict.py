@@ -133,7 +133,7 @@ def load_trained_model(run_dir, device):
     except Exception as e:  # truncated, tampered or foreign files fail in many ways; all mean the same
         raise UserError(f"{weights}: not loadable weights of {config.architecture} "
                         f"({one_line(e)})") from None
-    return prepare(model.to(device)), config
+    return prepare(model.to(device), config), config
 
 
 def predict(run_dirs, images, out=None, probs=None, tta=False, device="auto"):

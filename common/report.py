@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import json
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -32,8 +31,8 @@ from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import write_atomic
 from .models import PARAMETER_BUDGET, model_options
-from .summary import (IMAGE_SIZE, cost_cells, duration, end_of_run, meta_model, model_costs, percent,
-                      published_text, summary_rows_by_budget)
+from .summary import (IMAGE_SIZE, Row, cost_cells, duration, end_of_run, meta_model, model_costs,
+                      percent, published_text, settings_changed, summary_rows_by_budget)
 
 REPORT_FILE = "Project Report.pdf"
 
@@ -45,7 +44,7 @@ PUBLIC_ANCHORS = [
     ("squeeze-excitation ResNet", "4.7M", "96.04", "an instance of the row above"),
     ("PyramidNet-164", "3.8M", "96.04", ""),
     ("Shake-Shake 26 2x32d", "2.9M", "97.0 / 97.5", "with cutout / with AutoAugment"),
-    ("airbench (fastest known CIFAR-10 training)", "2.0M", "94", "9.9 epochs"),
+    ("airbench94 (fastest known CIFAR-10 training)", "2.0M", "94", "9.9 epochs, 0.36 PFLOP of training"),
     ("airbench", "4.6M", "95", "15 epochs"),
 ]
 
@@ -439,7 +438,23 @@ def comparison_section(headline, tables):
     ]
 
 
-def beyond_section(headline, figures, runs, equal_epochs, tables):
+def check_rows(checks, experiments):
+    """One row per folder under results/checks/ whose runs are of `experiments` (a seed group's
+    runs together): what it changed and what that measured."""
+    folders = {}
+    for name, run in checks:
+        if run.name in experiments:
+            folders.setdefault(name.split("/")[0], []).append(run)
+    rows = []
+    for folder, folder_runs in folders.items():
+        row = Row(folder_runs[0].name, "check", folder_runs)
+        pflops = "-" if row.training_pflops is None else f"{row.training_pflops:.3f}"
+        rows.append([folder, row.experiment, settings_changed(row) or "none", percent(row.final), end_of_run(row), pflops,
+                     duration(row.wall_seconds), row.provenance])
+    return rows
+
+
+def beyond_section(headline, figures, runs, equal_epochs, checks, tables):
     by_name = {row.experiment: row for row in headline}
     rows = []
     for name in BEYOND:
@@ -474,6 +489,23 @@ def beyond_section(headline, figures, runs, equal_epochs, tables):
                "seen.", widths=[1.6, 2, 1.4, 1.4, 1.6, 1.4, 1.3, 2, 4]),
         *figure_block("beyond.png", figures, runs, headline),
         *figure_block("fast94_vs_res_512_d.png", figures, runs, headline, equal_epochs),
+        *checks_block(checks, tables),
+    ]
+
+
+def checks_block(checks, tables):
+    rows = check_rows(checks, BEYOND)
+    if not rows:
+        return []
+    return [
+        para("Changed settings, measured as checks", "h2"),
+        para("Runs of fast94 or best_5m with settings changed by " + code("--set") + " (kept in "
+             + code("results/checks/") + ", checks of the code, not results), for instance toward "
+             "the training compute airbench94 publishes (section 4.2)."),
+        *table(tables, ["check", "experiment", "changed settings", "final %", "end-of-run test %",
+                        "training PFLOP / run", "wall time / run", "runs"], rows,
+               "Checks of the two new experiments: what each changed and what it measured (mean ± std "
+               "over a folder's seeds).", widths=[2.6, 1.2, 1.8, 1.2, 1.5, 1.3, 1.2, 3.6]),
     ]
 
 
@@ -499,17 +531,6 @@ def ablation_section(headline, figures, runs, tables):
 
 
 # Settings that say where and how long a run went, not what it trained: never a change of recipe.
-PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}
-
-
-def settings_changed(row):
-    """'micro_batch=512': the recipe settings the row's runs recorded that differ from the registry's."""
-    planned = json.loads(json.dumps(row.config.to_dict()))  # tuples as the lists run.json holds
-    changes = {k: v for run in row.runs for k, v in run.info.get("config", {}).items()
-               if k in planned and k not in PLACE_AND_BUDGET and v != planned[k]}
-    return ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
-
-
 def limitations_section(headline, smoke):
     measured = [row for row in headline if row.runs]
     items = ["Runs without --val evaluate on the test set after every epoch, as the original study did: "
@@ -579,7 +600,7 @@ def footer(canvas, doc):
     canvas.restoreState()
 
 
-def write_pdf(path, headline, smoke, figures, runs, equal_epochs=()):
+def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=()):
     """The report, typeset; `invariant` fixes the creation date and file id, so the same runs give
     the same bytes."""
     doc = SimpleDocTemplate(str(path), pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm,
@@ -590,7 +611,7 @@ def write_pdf(path, headline, smoke, figures, runs, equal_epochs=()):
     story = [*title_page(headline), *question_section(), *methods_section(tables),
              *results_section(headline, smoke, figures, runs, tables),
              *comparison_section(headline, tables),
-             *beyond_section(headline, figures, runs, equal_epochs, tables),
+             *beyond_section(headline, figures, runs, equal_epochs, checks, tables),
              *ablation_section(headline, figures, runs, tables),
              *limitations_section(headline, smoke), *reproduce_section(tables)]
     doc.build(story, onFirstPage=footer, onLaterPages=footer)
@@ -613,6 +634,7 @@ def build_report(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESUL
         write_atomic(results_dir / name, text)
         paths.append(results_dir / name)
     figures = {path.name: path for path in paths}
+    checks = collect_checks(results_dir / "checks")
     paths.append(write_pdf(top_dir / REPORT_FILE, headline, smoke, figures, runs,
-                           equal_epochs_runs(training_dir, collect_checks(results_dir / "checks"))))
+                           equal_epochs_runs(training_dir, checks), checks))
     return paths

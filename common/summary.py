@@ -3,6 +3,7 @@ group as mean ± std over its seeds, and how its numbers are written. The README
 model_summary.png and the report all read their figures through it, so they cannot disagree.
 """
 import functools
+import json
 import statistics
 from dataclasses import dataclass
 
@@ -152,6 +153,17 @@ class Row:
         seeds = "seeds" if len(self.runs) > 1 else "seed"
         text = f"{self.data}, {self.epochs}, {seeds} {self.seeds}, {self.device}"
         return text + (", SMOKE" if self.budget == "smoke" else "")
+
+
+PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}
+
+
+def settings_changed(row):
+    """'micro_batch=512': the recipe settings the row's runs recorded that differ from the registry's."""
+    planned = json.loads(json.dumps(row.config.to_dict()))  # tuples as the lists run.json holds
+    changes = {k: v for run in row.runs for k, v in run.info.get("config", {}).items()
+               if k in planned and k not in PLACE_AND_BUDGET and v != planned[k]}
+    return ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
 
 
 def mean_wall_seconds(runs):

@@ -238,7 +238,7 @@ def batched_logits(model, images, config, autocast, tta=False):
         for start in range(0, len(images), EVAL_BATCH_SIZE):
             x = cifar.normalize(images[start:start + EVAL_BATCH_SIZE], config.mean, config.std)
             views = cifar.tta_views(x) if tta else [(1.0, x)]
-            outputs.append(sum(w * model(prepare(v)).float() for w, v in views))
+            outputs.append(sum(w * model(prepare(v, config)).float() for w, v in views))
     return torch.cat(outputs)
 
 
@@ -254,9 +254,11 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-def prepare(x):
-    """Images or a model in the channels-last layout, in which cuDNN's convolutions, and on CPUs
-    oneDNN's, run fastest."""
+def prepare(x, config):
+    """Images or a model in the memory layout the config asks for: channels-last by default, in
+    which cuDNN's convolutions, and on most CPUs oneDNN's, run fastest."""
+    if not config.channels_last:
+        return x
     if isinstance(x, torch.nn.Module):
         return x.to(memory_format=torch.channels_last)
     return x.contiguous(memory_format=torch.channels_last)
@@ -377,7 +379,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
     model = model_from_config(config).to(device)
     if hasattr(model, "fit_to_images"):
         model.fit_to_images(cifar.normalize(data.train_images[:5000], config.mean, config.std))
-    model = prepare(model)
+    model = prepare(model, config)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_model, model = cluster.wrap(model, config.sync_batchnorm)
@@ -577,7 +579,7 @@ def train_one_epoch(run, autocast, progress, stop):
         if run.cluster.any(stop.signal is not None):
             return False
         index = run.cluster.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
-        x = prepare(augmented_batch(run, images, index))
+        x = prepare(augmented_batch(run, images, index), config)
         y = labels[index]
         run.optimizer.zero_grad(set_to_none=True)
         output, loss = forward_backward(run.train_model, x, y, config, autocast)

@@ -70,7 +70,7 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
     text = results_markdown(collect_groups(tmp_path / "training"), collect_checks(tmp_path / "checks"))
     assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 | 86.12/86.07 | - | - |" in text
     assert "res_block" not in text  # a smoke run is no result
-    assert "| cpu-1-epoch | res_512_d | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 | - |" in text
+    assert "| cpu-1-epoch | res_512_d | none | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 | - |" in text
 
 
 def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_device(tmp_path):

@@ -50,6 +50,13 @@ def fake_check(results_dir):
     run(check, [0.40, 0.55], budget="smoke")
     info = json.loads((check / "run.json").read_text())
     (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d", "train_images_per_second": [450.0]}))
+    for seed, acc in [(0, [0.8, 0.90]), (1, [0.8, 0.92])]:  # fast94 with a setting changed, two seeds
+        folder = results_dir / "checks" / "cpu-fast94-1conv" / f"seed{seed}"
+        run(folder, acc, seed=seed)
+        info = json.loads((folder / "run.json").read_text())
+        info.update(experiment="fast94", config={"block_convs": 1, "seed": seed, "device": "cpu"},
+                    data={"variant": "exact-offline", "train_images": 50_000}, training_flops_per_image=7e8)
+        (folder / "run.json").write_text(json.dumps(info))
 
 
 def outputs(out):
@@ -123,6 +130,15 @@ def test_the_pdf_sets_fast94_against_its_target_and_res_512_d_at_equal_epochs(bu
                      "fast94 (micro_batch=512)"]:  # a recipe change is named; place and equal widths are not
         assert expected in text.replace("\n", " "), expected
     assert any(path.name == "fast94_vs_res_512_d.png" for path in paths)
+
+
+def test_the_pdf_lists_checks_of_the_new_experiments_with_what_they_changed(built):
+    root, _, _ = built
+    text = pdf_text(root / "out" / REPORT_FILE).replace("\n", " ")
+    assert "Changed settings, measured as checks" in text
+    # one row for the folder's two seeds: its change, mean ± std of the last epochs, PFLOP per run
+    assert "cpu-fast94-1conv fast94 block_convs=1 91.00 ± 1.41 - 0.070" in text
+    assert "cpu-res_512_d-2-epochs res_512_d" not in text  # a check of another experiment
 
 
 def test_a_smoke_run_is_kept_out_of_the_headline_rows(built):

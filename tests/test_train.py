@@ -145,3 +145,16 @@ def test_auto_device_is_cpu_without_a_gpu():
 def test_bad_settings_are_refused_before_training(tmp_path, tiny, overrides, message):
     with pytest.raises(UserError, match=message):
         train("res_512", out_dir=tmp_path, **{**tiny, **overrides})
+
+
+def test_the_memory_layout_is_a_setting_that_leaves_the_outputs_alone():
+    from common.models import build_model
+    model = build_model("cifar_resnet", widths=(8, 16, 16)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    default, plain = Config(), Config(channels_last=False)
+    reordered = training.prepare(build_model("cifar_resnet", widths=(8, 16, 16)).eval(), default)
+    reordered.load_state_dict(model.state_dict())
+    assert reordered.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert training.prepare(x, default).is_contiguous(memory_format=torch.channels_last)
+    assert training.prepare(x, plain) is x and training.prepare(model, plain) is model
+    assert torch.allclose(reordered(training.prepare(x, default)), model(x), atol=1e-5)
