@@ -29,8 +29,8 @@ from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
 from .models import model_from_config, training_flops
-from .training import (autocast_for, device_name, epoch_start_position, make_optimizer, prepare,
-                       resolve_device, start_run, train_one_epoch)
+from .training import (autocast_for, device_name, epoch_start_position, git_commit, make_optimizer, now,
+                       prepare, resolve_device, start_run, train_one_epoch)
 
 BENCH_DIR = REPO_ROOT / "results" / "bench"
 MODES = ("limit", "ours", "seed-style")
@@ -217,8 +217,18 @@ def record(result, command, bench_dir=BENCH_DIR):
     settings = "".join(f"-{key}-{value}" for key, value in result.get("settings", {}).items())
     name = re.sub(r"[^\w.-]", "_", f"{result['device_type']}-{result['experiment'].replace('/', '-')}"
                                      f"-b{result['batch_size']}{settings}")
-    write_atomic(bench_dir / f"{name}.json", json.dumps({**result, "command": command}, indent=2) + "\n")
+    kept = {**result, "command": command, "git": git_commit(), "recorded": now()}
+    write_atomic(bench_dir / f"{name}.json", json.dumps(kept, indent=2) + "\n")
     return write_markdown(bench_dir)
+
+
+def code_and_date(recorded):
+    """'code 08d0ab2, recorded 2026-11-26T07:20:00+00:00': which code measured a record, and when."""
+    if "git" not in recorded:
+        return "code and date not recorded (an earlier version of bench)"
+    commit = (recorded["git"]["commit"] or "unknown")[:7]
+    dirty = " with uncommitted changes" if recorded["git"]["dirty"] else ""
+    return f"code {commit}{dirty}, recorded {recorded['recorded']}"
 
 
 def write_markdown(bench_dir=BENCH_DIR):
@@ -230,6 +240,7 @@ def write_markdown(bench_dir=BENCH_DIR):
                 "(see `common/bench.py` for what limit, ours and seed-style mean).\n"]
     for path in sorted(bench_dir.glob("*.json")):
         recorded = json.loads(path.read_text())
-        sections.append(f"## {path.stem}\n\n`{recorded['command']}`\n\n```\n{table(recorded)}\n```\n")
+        sections.append(f"## {path.stem}\n\n`{recorded['command']}`\n\n{code_and_date(recorded)}\n\n"
+                        f"```\n{table(recorded)}\n```\n")
     write_atomic(bench_dir.parent / "bench.md", "\n".join(sections))
     return bench_dir.parent / "bench.md"

@@ -23,6 +23,9 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, fake_data):
     md = record(saved, "python -m common bench ...", tmp_path / "bench")
     assert md.name == "bench.md" and "## cpu-res_512-b8" in md.read_text()
     assert table(saved) in md.read_text()
+    kept = json.loads((tmp_path / "bench" / "cpu-res_512-b8.json").read_text())
+    assert len(kept["git"]["commit"]) == 40 and kept["recorded"].startswith("20")  # which code, when
+    assert f"code {kept['git']['commit'][:7]}" in md.read_text()
 
 
 def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path, fake_data, monkeypatch):
