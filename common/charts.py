@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
-from .summary import SUMMARY_COLUMNS, end_of_run, headline_row, settings_changed, summary_rows
+from .summary import SUMMARY_COLUMNS, Row, end_of_run, settings_changed, summary_rows
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -214,7 +214,7 @@ def results_markdown(groups, checks):
 
 
 def check_cells(name, run):
-    row = headline_row(run.name, [run])
+    row = Row(run.name, "check", [run])
     rates = run.info.get("train_images_per_second")
     return [name, run.name, settings_changed(row) or "none", run.epochs, run.variant, run.device,
             run.info.get("seed", "?"), f"{rates[-1]:,.0f}" if rates else "-",

@@ -65,7 +65,8 @@ def model_costs(config):
 @dataclass
 class Row:
     """One line of the summary: an experiment's runs of one budget ("full" or "smoke"), ordered by
-    seed, or the experiment without a full-budget run ("not run", no runs)."""
+    seed, or the experiment without a full-budget run ("not run", no runs); or the runs of one
+    folder under results/checks/ ("check")."""
     experiment: str
     budget: str
     runs: list
@@ -155,7 +156,7 @@ class Row:
         return text + (", SMOKE" if self.budget == "smoke" else "")
 
 
-PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}
+PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}  # not recipe changes
 
 
 def settings_changed(row):
