@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import UserError, parse_setting
+from .config import UserError, parse_settings
 from .experiments import EXPERIMENTS, SEED_STUDY, get_experiment
 
 
@@ -30,7 +30,7 @@ def cmd_list(args):
 def cmd_train(args):
     from .training import train
     config = get_experiment(args.experiment).config
-    overrides = dict(parse_setting(config, text) for text in args.set)
+    overrides = parse_settings(config, args.set)
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "data_dir": args.data_dir,
              "subset": args.subset, "device": args.device, "seed": args.seed}
     overrides.update({k: v for k, v in flags.items() if v is not None})
@@ -73,7 +73,7 @@ def cmd_bench(args):
     if unknown:
         raise UserError(f"unknown bench mode {', '.join(unknown)}; choose from {', '.join(MODES)}")
     config = get_experiment(args.experiment).config
-    settings = dict(parse_setting(config, text) for text in args.set)
+    settings = parse_settings(config, args.set)
     result = bench(args.experiment, args.device, args.batch_size, args.data_dir, args.steps,
                    args.repeats, modes, download=not args.no_download, settings=settings)
     print(table(result))
@@ -98,7 +98,7 @@ def cmd_study(args):
         extra.append("--no-download")
     for name in names:  # settings are checked against every experiment before any process starts
         config = get_experiment(name).config
-        config.replace(**dict(parse_setting(config, text) for text in args.set))
+        config.replace(**parse_settings(config, args.set))
     extra += [v for text in args.set for v in ("--set", text)]
     outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
                      out_root=args.out_root)

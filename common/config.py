@@ -127,6 +127,11 @@ class Config:
         return self.lr * self.batch_size / self.lr_batch_size if self.lr_batch_size else self.lr
 
 
+def parse_settings(config, texts):
+    """{key: value} from several 'key=value' texts (parse_setting each)."""
+    return dict(parse_setting(config, text) for text in texts)
+
+
 def parse_setting(config, text):
     """'key=value' -> (key, value), the value read as JSON where it parses (numbers, true, null,
     lists) and as a string otherwise, then checked against the field's current type."""

@@ -186,9 +186,8 @@ class CifarBlock(nn.Module):
             unit = [norm(channels), activation_layer(activation), conv3x3(channels, channels)] if preact \
                 else [conv3x3(channels, channels), norm(channels), activation_layer(activation)]
             layers += unit
-        if dropout:
-            first_activation = 1 if preact else 2
-            layers.insert(first_activation + 1, nn.Dropout(dropout))
+        if dropout:  # right after the first activation
+            layers.insert(2 if preact else 3, nn.Dropout(dropout))
         if squeeze_excitation:
             layers.append(SqueezeExcitation(channels, activation))
         self.body = nn.Sequential(*layers)
@@ -200,8 +199,9 @@ class CifarBlock(nn.Module):
 class CifarResNet(nn.Module):
     """CIFAR-style residual network: a stem at full resolution (frozen 2x2 patch whitening, or a
     3x3 conv-BN-act), then per stage a 3x3 conv, 2x2 max-pool, BN, activation and `blocks[i]`
-    residual blocks of width `widths[i]` and `block_convs` convs each; global max-pool, a bias-free linear layer whose logits
-    are scaled by `logit_scale` (small logits early make the start of training stable)."""
+    residual blocks of width `widths[i]` and `block_convs` convs each; global max-pool, a bias-free
+    linear layer whose logits are scaled by `logit_scale` (small logits early make the start of
+    training stable)."""
 
     def __init__(self, widths, blocks, whiten=True, squeeze_excitation=False, preact=False,
                  activation="gelu", dropout=0.0, softmax_output=False, block_convs=2,

@@ -449,8 +449,8 @@ def check_rows(checks, experiments):
     for folder, folder_runs in folders.items():
         row = Row(folder_runs[0].name, "check", folder_runs)
         pflops = "-" if row.training_pflops is None else f"{row.training_pflops:.3f}"
-        rows.append([folder, row.experiment, settings_changed(row) or "none", percent(row.final), end_of_run(row), pflops,
-                     duration(row.wall_seconds), row.provenance])
+        rows.append([folder, row.experiment, settings_changed(row) or "none", percent(row.final),
+                     end_of_run(row), pflops, duration(row.wall_seconds), row.provenance])
     return rows
 
 

@@ -145,8 +145,9 @@ class Row:
 
     @property
     def wall_seconds(self):
-        """Mean wall time per run, where run.json records it."""
-        return mean_wall_seconds(self.runs)
+        """Mean wall time per run, over the runs whose run.json records it; None where none does."""
+        times = [run.info["wall_seconds"] for run in self.runs if "wall_seconds" in run.info]
+        return statistics.fmean(times) if times else None
 
     @property
     def provenance(self):
@@ -165,12 +166,6 @@ def settings_changed(row):
     changes = {k: v for run in row.runs for k, v in run.info.get("config", {}).items()
                if k in planned and k not in PLACE_AND_BUDGET and v != planned[k]}
     return ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
-
-
-def mean_wall_seconds(runs):
-    """Mean wall time per run, over the runs whose run.json records it; None where none does."""
-    times = [run.info["wall_seconds"] for run in runs if "wall_seconds" in run.info]
-    return statistics.fmean(times) if times else None
 
 
 def end_of_run(row):
