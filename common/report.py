@@ -530,7 +530,6 @@ def ablation_section(headline, figures, runs, tables):
     return story
 
 
-# Settings that say where and how long a run went, not what it trained: never a change of recipe.
 def limitations_section(headline, smoke):
     measured = [row for row in headline if row.runs]
     items = ["Runs without --val evaluate on the test set after every epoch, as the original study did: "
