@@ -187,13 +187,18 @@ def device_name(device):
     return f"CPU: {model}, {torch.get_num_threads()} threads"
 
 
+# What a run executes. Uncommitted changes elsewhere (history files, results/bench.md written by
+# an earlier run of the same session) do not make the code that measured something "dirty".
+CODE_PATHS = ("common", "requirements.txt", "pyproject.toml")
+
+
 def git_commit():
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     try:
         return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 

@@ -1,5 +1,6 @@
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -158,3 +159,21 @@ def test_the_memory_layout_is_a_setting_that_leaves_the_outputs_alone():
     assert training.prepare(x, default).is_contiguous(memory_format=torch.channels_last)
     assert training.prepare(x, plain) is x and training.prepare(model, plain) is model
     assert torch.allclose(reordered(training.prepare(x, default)), model(x), atol=1e-5)
+
+
+def test_only_uncommitted_code_marks_a_run_dirty(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "models.py").write_text("A = 1\n")
+    (tmp_path / "results.md").write_text("first\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(training, "REPO_ROOT", tmp_path)
+    assert training.git_commit()["dirty"] is False
+    (tmp_path / "results.md").write_text("a history file or bench.md rewritten by a run\n")
+    assert training.git_commit()["dirty"] is False
+    (tmp_path / "common" / "models.py").write_text("A = 2\n")
+    assert training.git_commit()["dirty"] is True
