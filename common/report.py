@@ -508,7 +508,7 @@ def checks_block(checks, tables):
         *table(tables, ["check", "experiment", "changed settings", "final %", "end-of-run test %",
                         "training PFLOP / run", "wall time / run", "runs"], rows,
                "Checks of the two new experiments: what each changed and what it measured (mean ± std "
-               "over a folder's seeds).", widths=[2.4, 1.5, 1.8, 1.1, 1.5, 1.2, 1.2, 3.4]),
+               "over a folder's seeds).", widths=[2.9, 1.4, 2.1, 1.1, 1.5, 1.1, 1.1, 2.9]),
     ]
 
 
