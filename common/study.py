@@ -3,6 +3,8 @@
 Each experiment is one `python -m common train` process writing its own folder (its output goes
 to train.log there). A complete run is skipped, an unfinished one with a checkpoint resumed, and a
 failure is reported without stopping the others. One progress bar counts the epochs of them all.
+SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
+that the same command resumes them all.
 """
 import itertools
 import json
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from .experiments import REPO_ROOT, TRAINING_DIR, get_experiment
 from .history import CHECKPOINT_FILE, RUN_FILE
+from .training import RunInterrupted, StopSignals
 
 LOG_FILE = "train.log"
 
@@ -50,26 +53,36 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
     running = {}  # device slot index -> (name, folder, process)
     progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), desc="study", unit="epoch")
     done_epochs = {}
+    stop = StopSignals()
     try:
-        while queue or running:
-            for slot, device in enumerate(slots):
-                if slot not in running and queue:
-                    name, folder, _, resume = queue.pop(0)
-                    running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
-                    tqdm.write(f"started {name} on {device}" + (" (resuming)" if resume else ""))
-            time.sleep(poll_seconds)
-            for slot, (name, folder, process) in list(running.items()):
-                done_epochs[name] = read_status(folder).get("epochs_done", 0)
-                if process.poll() is not None:
-                    del running[slot]
-                    outcomes[name] = outcome(process.returncode, folder)
-                    tqdm.write(f"{name}: {outcomes[name]}")
-            progress.n = sum(done_epochs.values())
-            progress.refresh()
+        with stop:
+            while (queue or running) and stop.signal is None:
+                for slot, device in enumerate(slots):
+                    if slot not in running and queue:
+                        name, folder, _, resume = queue.pop(0)
+                        running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
+                        tqdm.write(f"started {name} on {device}" + (" (resuming)" if resume else ""))
+                time.sleep(poll_seconds)
+                for slot, (name, folder, process) in list(running.items()):
+                    done_epochs[name] = read_status(folder).get("epochs_done", 0)
+                    if process.poll() is not None:
+                        del running[slot]
+                        outcomes[name] = outcome(process.returncode, folder)
+                        tqdm.write(f"{name}: {outcomes[name]}")
+                progress.n = sum(done_epochs.values())
+                progress.refresh()
     finally:
         for _, _, process in running.values():
-            process.terminate()  # each saves its checkpoint; the next study resumes it
+            process.terminate()  # each finishes its step and saves its checkpoint
+        for name, folder, process in running.values():
+            process.wait()
+            outcomes[name] = ("interrupted, checkpoint saved" if (folder / CHECKPOINT_FILE).is_file()
+                              else "interrupted before its first checkpoint")
+            tqdm.write(f"{name}: {outcomes[name]}")
         progress.close()
+    if stop.signal is not None:
+        raise RunInterrupted(stop.signal, f"study stopped by {stop.signal.name}; the same command "
+                                          "resumes every unfinished run")
     return outcomes
 
 

@@ -1,5 +1,7 @@
+import json
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,16 @@ def fake_data(tmp_path_factory):
 def tiny(fake_data):
     """Overrides that make any experiment a CPU run of seconds on the fake data."""
     return dict(data_dir=str(fake_data), download=False, device="cpu", batch_size=64)
+
+
+def wait_for_epochs(folder, epochs, process, timeout=120):
+    """Return once `folder`'s run.json counts `epochs` finished epochs; fail if `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads((folder / "run.json").read_text())["epochs_done"] >= epochs:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no {epochs} epoch(s) in {folder}: {process.poll()}")

@@ -1,9 +1,14 @@
 """`bench` runs on a tiny setting and prints a well-formed table; `study` runs tiny experiments in
 parallel. Benchmarks are commands: no test here asserts a speed."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 from common.bench import record, table
+from conftest import REPO, wait_for_epochs
 from test_cli import cli
 
 
@@ -75,3 +80,25 @@ def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake
     refused = cli(*args, "--set", "compile_mode=fastest")
     assert refused.returncode == 2 and "compile_mode is default" in refused.stderr
     assert "started" not in refused.stdout
+
+
+def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes_them(tmp_path, fake_data):
+    args = ["study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "3",
+            "--batch-size", "4", "--data-dir", fake_data, "--no-download"]  # 50 steps an epoch
+    study = subprocess.Popen([sys.executable, "-m", "common", *map(str, args)], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "res_512"
+    wait_for_epochs(folder, 1, study)
+    study.send_signal(signal.SIGTERM)  # the study only, as `timeout` or a job scheduler would
+    stdout, stderr = study.communicate(timeout=60)
+    assert study.returncode == 143
+    assert "res_512: interrupted, checkpoint saved" in stdout
+    assert "study stopped by SIGTERM; the same command resumes" in stderr
+    status = json.loads((folder / "run.json").read_text())  # final: the run ended with the study
+    assert status["status"] == "interrupted" and status["epochs_done"] < 3
+
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "started res_512 on cpu (resuming)" in resumed.stdout
+    assert json.loads((folder / "run.json").read_text())["epochs_done"] == 3

@@ -10,7 +10,6 @@ from common.config import UserError
 from common.data import load_cifar10
 from common.predict import load_trained_model, predict, read_pickled_images
 from common.training import train
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")

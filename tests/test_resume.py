@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from common import training
 from common.config import UserError
 from common.history import HISTORY_FILES, load_checkpoint
 from common.training import RunInterrupted, train
-from conftest import REPO
+from conftest import REPO, wait_for_epochs
 
 
 def histories_and_weights(folder):
@@ -145,18 +144,6 @@ def start_cli_run(folder, fake_data, *extra):
          str(folder), "--device", "cpu", "--no-download", "--batch-size", "16", *extra],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_epochs(folder, epochs, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if json.loads((folder / "run.json").read_text())["epochs_done"] >= epochs:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no {epochs} epoch(s) in {folder}: {process.poll()}")
 
 
 def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, fake_data, tiny):
