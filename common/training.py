@@ -358,8 +358,9 @@ class TrainingRun:
         self.position = {k: v.to(device) if torch.is_tensor(v) else v
                          for k, v in checkpoint["position"].items()}
         self.history, self.info = checkpoint["history"], checkpoint["info"]
-        self.info.update(status="running", git=git_commit())
-        self.info["resumed"].append(now())
+        self.info["status"] = "running"
+        # info["git"] stays the code the run started with; each resume records its own.
+        self.info["resumed"].append({"at": now(), "git": git_commit()})
 
 
 def start_run(exp, config, folder, device, cluster, overwrite, resume):
