@@ -46,7 +46,8 @@ class RunRecord:
 
     @property
     def smoke(self):
-        return self.info.get("budget") != "full"
+        """Not a result: a reduced budget, or a full-budget run still going, stopped or failed."""
+        return self.info.get("budget") != "full" or self.info.get("status", "complete") != "complete"
 
     @property
     def epochs(self):

@@ -2,17 +2,17 @@ import json
 
 from PIL import Image
 
-from common.charts import collect_groups, make_charts, summary_rows
+from common.charts import collect_groups, make_charts, results_markdown, summary_rows
 from common.experiments import EXPERIMENTS
 from common.models import count_parameters, model_from_config
 from common.history import write_history, write_run_info
 
 
-def fake_run(folder, test_acc, budget="full", variant="exact-offline"):
+def fake_run(folder, test_acc, budget="full", variant="exact-offline", status="complete"):
     n = len(test_acc)
     write_history(folder, {"train_loss": [1.0] * n, "train_acc": [0.5] * n,
                            "test_loss": [1.0] * n, "test_acc": test_acc})
-    write_run_info(folder, {"experiment": folder.name, "seed": 0, "budget": budget,
+    write_run_info(folder, {"experiment": folder.name, "seed": 0, "budget": budget, "status": status,
                             "trainable_parameters": 4_961_610, "planned_epochs": n,
                             "data": {"variant": variant},
                             "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}})
@@ -40,6 +40,17 @@ def test_charts_from_the_runs_that_exist(tmp_path, capsys):
     assert rows["res_512"][2] == "not run" and rows["og_resnet"][6] == "-"
     assert rows["og_resnet"][8] == "85.13/84.96"  # the original study's figures beside ours
     assert len(rows) == len(EXPERIMENTS)
+
+
+def test_an_unfinished_full_budget_run_is_no_result_and_stays_out_of_its_seeds_mean(tmp_path):
+    fake_run(tmp_path / "fast94" / "seed0", [0.90] * 10)
+    fake_run(tmp_path / "fast94" / "seed1", [0.50] * 4, status="interrupted")  # resumable
+    fake_run(tmp_path / "res_512", [0.40] * 3, status="running")
+    groups = collect_groups(tmp_path)
+    rows = {row[0]: row for row in summary_rows(groups)}
+    assert rows["fast94"][5:7] == ["0", "90.00"]  # seed 1 is not in the mean
+    assert rows["res_512"][2] == "3/200 ep smoke"
+    assert "50.00" not in results_markdown(groups, []) and "res_512 |" not in results_markdown(groups, [])
 
 
 def test_charts_are_deterministic(tmp_path):
