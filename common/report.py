@@ -541,9 +541,12 @@ def limitations_section(headline, smoke):
              "figures is model selection on the test set; --val N holds out training images for that."]
     if not measured:
         items.append("Nothing has been run at full budget yet, so the report makes no claim about accuracy.")
-    elif all(len(row.runs) == 1 for row in measured):
-        items.append("Every result is a single seed: differences between experiments smaller than the "
-                     "seed-to-seed spread (unmeasured here) are not evidence.")
+    single = [row.experiment for row in measured if len(row.runs) == 1]
+    if single:
+        spread = ("the standard deviations of the multi-seed results show its size"
+                  if len(single) < len(measured) else "unmeasured here")
+        items.append(f"{escape(', '.join(single))} {'is' if len(single) == 1 else 'are'} single-seed: a "
+                     f"difference smaller than the seed-to-seed spread ({spread}) is not evidence.")
     changed = [f"{row.experiment} ({changes})" for row in measured if (changes := settings_changed(row))]
     if changed:
         items.append("Some results ran with settings changed from their experiment's registry entry, "

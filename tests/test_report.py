@@ -130,6 +130,8 @@ def test_the_pdf_sets_fast94_against_its_target_and_res_512_d_at_equal_epochs(bu
                      "fast94 (micro_batch=512)"]:  # a recipe change is named; place and equal widths are not
         assert expected in text.replace("\n", " "), expected
     assert any(path.name == "fast94_vs_res_512_d.png" for path in paths)
+    single = "res_512_d, fast94 are single-seed: a difference smaller than the seed-to-seed spread"
+    assert single in text.replace("\n", " ")  # beside res_512's three seeds
 
 
 def test_the_pdf_lists_checks_of_the_new_experiments_with_what_they_changed(built):
