@@ -199,3 +199,14 @@ def test_with_no_runs_the_report_says_so(tmp_path):
     assert "Not shown: none of og_resnet" in text
     rows = read_csv(tmp_path / "out" / "results" / "summary.csv")
     assert {row["budget"] for row in rows} == {"not run"} and len(rows) == len(EXPERIMENTS)
+
+
+def test_the_results_table_breaks_no_word_mid_way():
+    from reportlab.platypus import Paragraph
+    from common.report import FRAME_WIDTH, RESULT_COLUMNS, RESULT_WIDTHS, STYLES
+    longest = ["changing_activations/leakyrelu", "3/200 ep", "exact-offline", "CPU: AMD EPYC, 2 threads",
+               "0, 1, 2", "96.25 ± 0.01", "96.19 ± 0.03", "96.68 ± 0.10 (TTA)", "90.5 min", "85.13/84.96"]
+    for header, values, width in zip(RESULT_COLUMNS, longest, RESULT_WIDTHS):
+        room = width * FRAME_WIDTH / sum(RESULT_WIDTHS) - 6  # less the cell's padding
+        for word, style in [(w, "head") for w in header.split()] + [(w, "cell") for w in values.split()]:
+            assert Paragraph(word, STYLES[style]).wrap(room, 100)[1] <= STYLES[style].leading, (header, word)
