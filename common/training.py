@@ -359,8 +359,8 @@ class TrainingRun:
                          for k, v in checkpoint["position"].items()}
         self.history, self.info = checkpoint["history"], checkpoint["info"]
         self.info["status"] = "running"
-        # info["git"] stays the code the run started with; each resume records its own.
-        self.info["resumed"].append({"at": now(), "git": git_commit()})
+        # info["git"] and info["device"] stay what the run started with; each resume records its own.
+        self.info["resumed"].append({"at": now(), "git": git_commit(), "device": device_name(device)})
 
 
 def start_run(exp, config, folder, device, cluster, overwrite, resume):
