@@ -102,9 +102,11 @@ def cmd_study(args):
     extra += [v for text in args.set for v in ("--set", text)]
     outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
                      out_root=args.out_root)
-    failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
-    if failed:
-        raise UserError(f"{len(failed)} of {len(names)} experiment(s) failed: {', '.join(failed)}")
+    unfinished = [name for name, outcome in outcomes.items()
+                  if outcome not in ("complete", "skipped (complete)")]
+    if unfinished:
+        raise UserError(f"{len(unfinished)} of {len(names)} experiment(s) did not complete: "
+                        f"{', '.join(unfinished)} (each one's outcome is above)")
 
 
 def cmd_notebooks(args):

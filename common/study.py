@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -51,8 +52,10 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
             queue.append((name, folder, epochs, (folder / CHECKPOINT_FILE).is_file()))
     slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
     running = {}  # device slot index -> (name, folder, process)
-    progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), desc="study", unit="epoch")
-    done_epochs = {}
+    # Epochs resumed runs already did count as done, not as done in this session's first second.
+    done_epochs = {name: read_status(folder).get("epochs_done", 0) for name, folder, _, resume in queue if resume}
+    progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), initial=sum(done_epochs.values()),
+                    desc="study", unit="epoch")
     stop = StopSignals()
     try:
         with stop:
@@ -75,9 +78,7 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
         for _, _, process in running.values():
             process.terminate()  # each finishes its step and saves its checkpoint
         for name, folder, process in running.values():
-            process.wait()
-            outcomes[name] = ("interrupted, checkpoint saved" if (folder / CHECKPOINT_FILE).is_file()
-                              else "interrupted before its first checkpoint")
+            outcomes[name] = outcome(process.wait(), folder)
             tqdm.write(f"{name}: {outcomes[name]}")
         progress.close()
     if stop.signal is not None:
@@ -98,8 +99,14 @@ def launch(name, folder, device, extra_args, resume):
 
 
 def outcome(returncode, folder):
+    """What a run's exit status says: complete, interrupted with its checkpoint saved, or failed."""
     if returncode == 0:
         return "complete"
+    if returncode - 128 in (signal.SIGINT, signal.SIGTERM):  # RunInterrupted, raised once it has saved
+        return "interrupted, checkpoint saved"
+    if returncode < 0:  # killed before it could save: SIGKILL, or a stop before its handlers were set
+        checkpoint = "its last checkpoint is older" if (folder / CHECKPOINT_FILE).is_file() else "no checkpoint"
+        return f"failed (killed by {signal.Signals(-returncode).name}): {checkpoint}"
     text = (folder / LOG_FILE).read_text(errors="replace")
     lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and "step/s" not in line]
     return f"failed (exit {returncode}): {lines[-1].strip() if lines else 'no output'}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from common.bench import record, table
+from common.study import outcome
 from conftest import REPO, wait_for_epochs
 from test_cli import cli
 
@@ -68,7 +69,7 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
                  "--epochs", "1", "--data-dir", tmp_path / "nowhere", "--no-download")
     assert broken.returncode == 2
     assert "res_block: failed (exit 2): error: no CIFAR-10 at" in broken.stdout
-    assert "2 of 2 experiment(s) failed" in broken.stderr
+    assert "2 of 2 experiment(s) did not complete: res_512, res_block" in broken.stderr
 
 
 def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake_data):
@@ -101,4 +102,15 @@ def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes_them(
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert "started res_512 on cpu (resuming)" in resumed.stdout
+    # The progress bar starts at the epochs already done, so its rate and ETA count this session's only.
+    assert f"study:{round(100 * status['epochs_done'] / 3):4d}%" in resumed.stderr.split("|")[0]
     assert json.loads((folder / "run.json").read_text())["epochs_done"] == 3
+
+
+def test_a_run_killed_before_it_could_save_is_a_failure_not_a_saved_checkpoint(tmp_path):
+    (tmp_path / "train.log").write_text("epoch 1\n")
+    assert outcome(143, tmp_path) == "interrupted, checkpoint saved"  # RunInterrupted saves first
+    assert outcome(-9, tmp_path) == "failed (killed by SIGKILL): no checkpoint"
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert outcome(-15, tmp_path) == "failed (killed by SIGTERM): its last checkpoint is older"
+    assert outcome(2, tmp_path) == "failed (exit 2): epoch 1"
