@@ -72,8 +72,8 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
                         del running[slot]
                         outcomes[name] = outcome(process.returncode, folder)
                         tqdm.write(f"{name}: {outcomes[name]}")
-                progress.n = sum(done_epochs.values())
-                progress.refresh()
+                if sum(done_epochs.values()) != progress.n:  # redrawn once an epoch, not each poll
+                    progress.update(sum(done_epochs.values()) - progress.n)
     finally:
         for _, _, process in running.values():
             process.terminate()  # each finishes its step and saves its checkpoint
