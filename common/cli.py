@@ -17,14 +17,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_list(args):
+    from .history import experiment_state
     from .models import count_parameters, model_from_config, model_options
     print(f"{'experiment':32} {'architecture':12} {'activation':10} {'optimizer':9} "
-          f"{'epochs':>6} {'trainable params':>16}")
+          f"{'epochs':>6} {'trainable params':>16}  run in its folder")
     for name, exp in EXPERIMENTS.items():
         c = exp.config
         activation = model_options(c)["activation"]
         print(f"{name:32} {c.architecture:12} {activation:10} {c.optimizer:9} {c.epochs:>6} "
-              f"{count_parameters(model_from_config(c)):>16,}")
+              f"{count_parameters(model_from_config(c)):>16,}  {experiment_state(exp.folder)}")
 
 
 def cmd_train(args):

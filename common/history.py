@@ -146,6 +146,33 @@ def seed_folders(folder):
     return sorted(found, key=lambda f: int(f.name[len("seed"):]))
 
 
+def run_state(folder):
+    """What a run folder holds, in a few words: 'complete', 'interrupted 30/50, resumable',
+    'running 3/200' (a live process holds the folder), 'killed 3/200' (run.json says running but
+    no process holds it), ' (smoke)' after a reduced budget; '-' where there is no run."""
+    try:
+        info = read_run_info(folder)
+    except RunFolderError:
+        return "unreadable run.json"
+    if not info:
+        return "-"
+    status = info.get("status", "unknown")
+    if status == "running" and lock_holder(Path(folder) / LOCK_FILE) is None:
+        status = "killed"
+    text = status
+    if status != "complete":
+        text += f" {info.get('epochs_done', 0)}/{info.get('planned_epochs', '?')}"
+    if status in ("interrupted", "killed") and (Path(folder) / CHECKPOINT_FILE).is_file():
+        text += ", resumable"
+    return text + ("" if info.get("budget") == "full" else " (smoke)")
+
+
+def experiment_state(folder):
+    """run_state of an experiment folder, or of each of its seed<N>/ runs."""
+    seeds = seed_folders(folder)
+    return "; ".join(f"{f.name} {run_state(f)}" for f in seeds) if seeds else run_state(folder)
+
+
 def final_test_acc(info, history):
     """The test accuracy a run ends with: its end-of-run evaluation's (with test-time augmentation,
     or the only test evaluation of a --val run) where run.json has one, else the last epoch's."""

@@ -1,7 +1,9 @@
+import os
+
 import pytest
 
-from common.history import (HISTORY_FILES, RunFolderError, read_history, read_run_info,
-                            replace_atomically, write_atomic, write_history)
+from common.history import (HISTORY_FILES, RunFolderError, experiment_state, read_history, read_run_info,
+                            replace_atomically, write_atomic, write_history, write_run_info)
 
 
 def history(n=3):
@@ -59,3 +61,27 @@ def test_run_info_must_be_a_json_object(tmp_path):
     (tmp_path / "run.json").write_text("{broken")
     with pytest.raises(RunFolderError, match="not valid JSON"):
         read_run_info(tmp_path)
+
+
+def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable(tmp_path):
+    def run(folder, status, done, budget="full", checkpoint=False, lock_pid=None):
+        write_run_info(folder, {"status": status, "epochs_done": done, "planned_epochs": 50, "budget": budget})
+        if checkpoint:
+            (folder / "checkpoint.pt").write_bytes(b"")
+        if lock_pid is not None:
+            (folder / "run.lock").write_text(f"{lock_pid}\n")
+        return experiment_state(folder)
+
+    assert experiment_state(tmp_path / "never") == "-"
+    assert run(tmp_path / "a", "complete", 50) == "complete"
+    assert run(tmp_path / "b", "interrupted", 30, checkpoint=True) == "interrupted 30/50, resumable"
+    assert run(tmp_path / "c", "running", 3, checkpoint=True, lock_pid=os.getpid()) == "running 3/50"
+    # run.json still says running, but no live process holds the folder: SIGKILL, power loss
+    assert run(tmp_path / "d", "running", 3, checkpoint=True) == "killed 3/50, resumable"
+    assert run(tmp_path / "e", "failed", 2, budget="smoke") == "failed 2/50 (smoke)"
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "run.json").write_text("[")
+    assert experiment_state(tmp_path / "f") == "unreadable run.json"
+    run(tmp_path / "g" / "seed0", "complete", 50)
+    run(tmp_path / "g" / "seed1", "interrupted", 7)
+    assert experiment_state(tmp_path / "g") == "seed0 complete; seed1 interrupted 7/50"
