@@ -53,7 +53,8 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
     slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
     running = {}  # device slot index -> (name, folder, process)
     # Epochs resumed runs already did count as done, not as done in this session's first second.
-    done_epochs = {name: read_status(folder).get("epochs_done", 0) for name, folder, _, resume in queue if resume}
+    done_epochs = {name: read_status(folder).get("epochs_done", 0)
+                   for name, folder, _, resume in queue if resume}
     progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), initial=sum(done_epochs.values()),
                     desc="study", unit="epoch")
     stop = StopSignals()
@@ -105,8 +106,8 @@ def outcome(returncode, folder):
     if returncode - 128 in (signal.SIGINT, signal.SIGTERM):  # RunInterrupted, raised once it has saved
         return "interrupted, checkpoint saved"
     if returncode < 0:  # killed before it could save: SIGKILL, or a stop before its handlers were set
-        checkpoint = "its last checkpoint is older" if (folder / CHECKPOINT_FILE).is_file() else "no checkpoint"
-        return f"failed (killed by {signal.Signals(-returncode).name}): {checkpoint}"
+        saved = "its last checkpoint is older" if (folder / CHECKPOINT_FILE).is_file() else "no checkpoint"
+        return f"failed (killed by {signal.Signals(-returncode).name}): {saved}"
     text = (folder / LOG_FILE).read_text(errors="replace")
     lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and "step/s" not in line]
     return f"failed (exit {returncode}): {lines[-1].strip() if lines else 'no output'}"
