@@ -240,17 +240,21 @@ def summary_table(groups, path):
     fig = Figure(figsize=(13, 0.3 * len(rows) + 0.9))
     ax = fig.subplots()
     ax.axis("off")
-    table = ax.table(cellText=rows, colLabels=columns, cellLoc="left", bbox=[0, 0, 1, 1])
+    table = ax.table(cellText=rows, colLabels=columns, cellLoc="left", loc="upper center")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.auto_set_column_width(list(range(len(columns))))
     for (row, _), cell in table.get_celld().items():
+        cell.set_height(1 / (len(rows) + 1))
         if row == 0:
             cell.set_text_props(weight="bold")
             cell.set_facecolor("#e8e8e8")
+    # Every column as wide as its longest text: the figure widens to the table, never the reverse.
+    fig.set_figwidth(table.get_window_extent().width / fig.dpi + 0.4)
     ax.set_title("Small ResNets on CIFAR-10: measured here vs the original study "
                  "(best/final test accuracy; 'smoke' = reduced budget, not a result)", fontsize=10)
     save(fig, path)
+    return fig
 
 
 def save(fig, path):

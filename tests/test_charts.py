@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from common.charts import collect_groups, make_charts, results_markdown, summary_rows
+from common.charts import collect_groups, make_charts, results_markdown, summary_rows, summary_table
 from common.experiments import EXPERIMENTS
 from common.models import count_parameters, model_from_config
 from common.history import write_history, write_run_info
@@ -51,6 +51,19 @@ def test_an_unfinished_full_budget_run_is_no_result_and_stays_out_of_its_seeds_m
     assert rows["fast94"][5:7] == ["0", "90.00"]  # seed 1 is not in the mean
     assert rows["res_512"][2] == "3/200 ep smoke"
     assert "50.00" not in results_markdown(groups, []) and "res_512 |" not in results_markdown(groups, [])
+
+
+def test_model_summary_cells_hold_their_whole_text(tmp_path):
+    training = tmp_path / "training"
+    folder = training / "changing_activations/leakyrelu"  # the longest name, on a full row
+    fake_run(folder, [0.5, 0.8])
+    info = json.loads((folder / "run.json").read_text())
+    write_run_info(folder, {**info, "device": {"type": "cpu", "name": "CPU: AMD EPYC, 2 threads"}})
+    fig = summary_table(collect_groups(training), tmp_path / "model_summary.png")
+    cells = fig.axes[0].tables[0].get_celld().values()
+    assert len(cells) == 11 * (1 + len(EXPERIMENTS))
+    for cell in cells:
+        assert cell.get_text().get_window_extent().width < cell.get_window_extent().width, cell.get_text()
 
 
 def test_charts_are_deterministic(tmp_path):
