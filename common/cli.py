@@ -86,7 +86,7 @@ def cmd_bench(args):
 
 
 def cmd_study(args):
-    from .study import study
+    from .study import COMPLETE, SKIPPED, study
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
     if not names:
         raise UserError("name experiments, or pass --seed-study or --all")
@@ -103,8 +103,7 @@ def cmd_study(args):
     extra += [v for text in args.set for v in ("--set", text)]
     outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
                      out_root=args.out_root)
-    unfinished = [name for name, outcome in outcomes.items()
-                  if outcome not in ("complete", "skipped (complete)")]
+    unfinished = [name for name, outcome in outcomes.items() if outcome not in (COMPLETE, SKIPPED)]
     if unfinished:
         raise UserError(f"{len(unfinished)} of {len(names)} experiment(s) did not complete: "
                         f"{', '.join(unfinished)} (each one's outcome is above)")

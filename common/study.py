@@ -23,6 +23,7 @@ from .history import CHECKPOINT_FILE, RUN_FILE
 from .training import RunInterrupted, StopSignals
 
 LOG_FILE = "train.log"
+COMPLETE, SKIPPED = "complete", "skipped (complete)"  # the outcomes of a run that needs nothing more
 
 
 def read_status(folder):
@@ -47,7 +48,7 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
         folder, epochs = root / name, requested_epochs(name, extra_args)
         status = read_status(folder)
         if status.get("status") == "complete" and status.get("planned_epochs") == epochs:
-            outcomes[name] = "skipped (complete)"
+            outcomes[name] = SKIPPED
         else:
             queue.append((name, folder, epochs, (folder / CHECKPOINT_FILE).is_file()))
     slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
@@ -73,8 +74,9 @@ def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, po
                         del running[slot]
                         outcomes[name] = outcome(process.returncode, folder)
                         tqdm.write(f"{name}: {outcomes[name]}")
-                if sum(done_epochs.values()) != progress.n:  # redrawn once an epoch, not each poll
-                    progress.update(sum(done_epochs.values()) - progress.n)
+                done = sum(done_epochs.values())
+                if done != progress.n:  # redrawn once an epoch, not each poll
+                    progress.update(done - progress.n)
     finally:
         for _, _, process in running.values():
             process.terminate()  # each finishes its step and saves its checkpoint
@@ -102,8 +104,8 @@ def launch(name, folder, device, extra_args, resume):
 def outcome(returncode, folder):
     """What a run's exit status says: complete, interrupted with its checkpoint saved, or failed."""
     if returncode == 0:
-        return "complete"
-    if returncode - 128 in (signal.SIGINT, signal.SIGTERM):  # RunInterrupted, raised once it has saved
+        return COMPLETE
+    if returncode - 128 in StopSignals.SIGNALS:  # RunInterrupted, raised once it has saved
         return "interrupted, checkpoint saved"
     if returncode < 0:  # killed before it could save: SIGKILL, or a stop before its handlers were set
         saved = "its last checkpoint is older" if (folder / CHECKPOINT_FILE).is_file() else "no checkpoint"
