@@ -7,7 +7,6 @@ SIGINT or SIGTERM to the study stops every run it started, each after saving its
 that the same command resumes them all.
 """
 import itertools
-import json
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .experiments import REPO_ROOT, TRAINING_DIR, get_experiment
-from .history import CHECKPOINT_FILE, RUN_FILE
+from .history import CHECKPOINT_FILE, RunFolderError, read_run_info
 from .training import RunInterrupted, StopSignals
 
 LOG_FILE = "train.log"
@@ -27,9 +26,10 @@ COMPLETE, SKIPPED = "complete", "skipped (complete)"  # the outcomes of a run th
 
 
 def read_status(folder):
+    """run.json, or {} where it is unreadable: such a folder is run afresh, as `train` would."""
     try:
-        return json.loads((Path(folder) / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        return read_run_info(folder)
+    except RunFolderError:
         return {}
 
 

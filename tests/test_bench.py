@@ -115,3 +115,13 @@ def test_a_run_killed_before_it_could_save_is_a_failure_not_a_saved_checkpoint(t
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert outcome(-15, tmp_path) == "failed (killed by SIGTERM): its last checkpoint is older"
     assert outcome(2, tmp_path) == "failed (exit 2): epoch 1"
+
+
+def test_a_folder_with_a_corrupt_run_json_is_run_afresh_beside_the_others(tmp_path, fake_data):
+    (tmp_path / "res_512").mkdir()
+    (tmp_path / "res_512" / "run.json").write_text("{half a fi")
+    result = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "1",
+                 "--batch-size", "64", "--data-dir", fake_data, "--no-download")
+    assert result.returncode == 0, result.stderr
+    assert "res_512: complete" in result.stdout and "res_block: complete" in result.stdout
+    assert json.loads((tmp_path / "res_512" / "run.json").read_text())["status"] == "complete"
