@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Maintainers' script for the workplace's lent GPU machine (15 min of device time a session, 64 MiB
+# carried a call, files back from $OUT at most 16 MiB each): it carries the exact CIFAR-10 copy over
+# in three back-to-back calls and runs the GPU measurements in the third. Users with a GPU need none
+# of this: they run `python -m common train` or `study` in place.
+#
+# Here, once:  bash dev/gpu-lease.sh stage   (copies the sheets and .git into the ignored .gpu/)
+# Then, each call as soon as the previous returns (the machine stays warm only 30 s):
+#   run "bash dev/gpu-lease.sh 1"  carry [".gpu/s1", ".gpu/git"]  timeout_s 120
+#   run "bash dev/gpu-lease.sh 2"  carry [".gpu/s2"]              timeout_s 60
+#   run "DEADLINE=560 bash dev/gpu-lease.sh 3"  carry [".gpu/s3", ".gpu/git"]  timeout_s 600
+# (DEADLINE: seconds the runs get; take it from budget_left_s after call 2, less about 40 for packing.)
+# Call 3 brings back $OUT/runs.tgz: the run folders without weights or checkpoints, and the logs.
+# Unpack it aside (`mkdir /tmp/gpu && tar xzf runs.tgz -C /tmp/gpu`), copy the complete run folders
+# into the repository, commit them, then `python -m common report` and commit. Stage again after
+# a commit: .gpu/git is a copy of .git.
+set -u
+SHEETS=../shared/data/cifar10
+case "${1:-}" in
+stage)
+    rm -rf .gpu && mkdir -p .gpu/s1 .gpu/s2 .gpu/s3
+    grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+    cp $SHEETS/build.py $SHEETS/exact/labels.npz $SHEETS/exact/data_batch_{1,2}.png .gpu/s1/
+    cp $SHEETS/exact/data_batch_{3,4}.png .gpu/s2/
+    cp $SHEETS/exact/data_batch_5.png $SHEETS/exact/test_batch.png .gpu/s3/
+    cp -r .git .gpu/git  # run.json records the commit the runs used
+    git status --short --untracked-files=no | grep . && echo "commit first: runs record the code as dirty"
+    du -sh .gpu/* ;;
+1)
+    mkdir -p ~/cifar10/exact && cp .gpu/s1/*.png .gpu/s1/labels.npz ~/cifar10/exact/ && cp .gpu/s1/build.py ~/cifar10/
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch; print(torch.__version__)" ;;
+2)
+    cp .gpu/s2/*.png ~/cifar10/exact/ && ls ~/cifar10/exact ;;
+3)
+    T0=$(date +%s); DEADLINE=${DEADLINE:-400}
+    left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+    cp .gpu/s3/*.png ~/cifar10/exact/ && python3 ~/cifar10/build.py ~/data || exit 1
+    [ -d .git ] || cp -r .gpu/git .git
+    export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+    LOGS=~/logs; mkdir -p $LOGS
+    DATA="--data-dir $HOME/data --no-download"
+    # The measurements still missing, in parallel (a small model leaves an H200 mostly idle);
+    # SIGTERM at the deadline makes every run save its checkpoint and stop.
+    timeout -s TERM $(left) python3 -m common train best_5m --seed 2 --seeds 1 $DATA > $LOGS/best_5m.log 2>&1 &
+    timeout -s TERM $(left) python3 -m common train fast94 --seeds 3 --set block_convs=1 \
+        --out results/checks/gpu-fast94-1conv $DATA > $LOGS/fast94-1conv.log 2>&1 &
+    # The sweeps' 50-epoch runs (about 3 min each alone); those complete already are skipped.
+    timeout -s TERM $(left) python3 -m common study changing_activations/{relu,leakyrelu,gelu,tanh} \
+        changing_optimisers/{sgd,adam,adadelta,rmsprop,adagrad} --parallel 4 $DATA > $LOGS/study.log 2>&1 &
+    wait
+    echo "runs ended after $(( $(date +%s) - T0 )) s"
+    for SET in "" "--set compile=true" "--set compile=true --set compile_mode=reduce-overhead"; do
+        [ $(left) -gt 60 ] || break  # alone on the GPU, so that the timings mean something
+        timeout -s TERM $(( $(left) - 5 )) python3 -m common bench --experiment res_512_d --device cuda \
+            $SET $DATA --record > "$LOGS/bench${SET// /}.log" 2>&1
+    done
+    for f in $LOGS/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v "step/s" | tail -n 4; done
+    # Weights and checkpoints stay behind: one is 13-20 MB, and a file over 16 MiB does not come back.
+    find training results -name "*.pt" -delete
+    tar czf $OUT/runs.tgz training results -C ~ logs && ls -la $OUT ;;
+*)
+    echo "usage: bash dev/gpu-lease.sh stage|1|2|3" >&2; exit 2 ;;
+esac
