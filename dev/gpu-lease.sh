@@ -6,10 +6,11 @@
 #
 # Here, once:  bash dev/gpu-lease.sh stage   (copies the sheets and .git into the ignored .gpu/)
 # Then, each call as soon as the previous returns (the machine stays warm only 30 s):
-#   run "bash dev/gpu-lease.sh 1"  carry [".gpu/s1", ".gpu/git"]  timeout_s 120
+#   run "bash dev/gpu-lease.sh 1"  carry [".gpu/s1"]              timeout_s 120
 #   run "bash dev/gpu-lease.sh 2"  carry [".gpu/s2"]              timeout_s 60
 #   run "DEADLINE=560 bash dev/gpu-lease.sh 3"  carry [".gpu/s3", ".gpu/git"]  timeout_s 600
-# (DEADLINE: seconds the runs get; take it from budget_left_s after call 2, less about 40 for packing.)
+# (DEADLINE: seconds from the call's start to packing; take it from budget_left_s after call 2, less
+# about 40. The last BENCH_S of them, 150 by default, go to the benches, alone on the GPU.)
 # Call 3 brings back $OUT/runs.tgz: the run folders without weights or checkpoints, and the logs.
 # Unpack it aside (`mkdir /tmp/gpu && tar xzf runs.tgz -C /tmp/gpu`), copy the complete run folders
 # into the repository, commit them, then `python -m common report` and commit. Stage again after
@@ -40,18 +41,20 @@ stage)
     export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
     LOGS=~/logs; mkdir -p $LOGS
     DATA="--data-dir $HOME/data --no-download"
-    # The measurements still missing, in parallel (a small model leaves an H200 mostly idle);
-    # SIGTERM at the deadline makes every run save its checkpoint and stop.
-    timeout -s TERM $(left) python3 -m common train best_5m --seed 2 --seeds 1 $DATA > $LOGS/best_5m.log 2>&1 &
-    timeout -s TERM $(left) python3 -m common train fast94 --seeds 3 --set block_convs=1 \
+    # The runs still missing, in parallel (a small model leaves an H200 mostly idle), stopped by
+    # SIGTERM (each saves its checkpoint) BENCH_S seconds before the deadline; then the benches alone.
+    RUNS_S=$(( $(left) - ${BENCH_S:-150} ))
+    [ $RUNS_S -gt 60 ] || { echo "DEADLINE leaves the runs no time"; exit 2; }
+    timeout -s TERM $RUNS_S python3 -m common train best_5m --seed 2 --seeds 1 $DATA > $LOGS/best_5m.log 2>&1 &
+    timeout -s TERM $RUNS_S python3 -m common train fast94 --seeds 3 --set block_convs=1 \
         --out results/checks/gpu-fast94-1conv $DATA > $LOGS/fast94-1conv.log 2>&1 &
     # The sweeps' 50-epoch runs (about 3 min each alone); those complete already are skipped.
-    timeout -s TERM $(left) python3 -m common study changing_activations/{relu,leakyrelu,gelu,tanh} \
-        changing_optimisers/{sgd,adam,adadelta,rmsprop,adagrad} --parallel 4 $DATA > $LOGS/study.log 2>&1 &
+    timeout -s TERM $RUNS_S python3 -m common study changing_activations/{relu,leakyrelu,gelu,tanh} \
+        changing_optimisers/{adam,adadelta,rmsprop,adagrad,sgd} --parallel 3 $DATA > $LOGS/study.log 2>&1 &
     wait
     echo "runs ended after $(( $(date +%s) - T0 )) s"
     for SET in "" "--set compile=true" "--set compile=true --set compile_mode=reduce-overhead"; do
-        [ $(left) -gt 60 ] || break  # alone on the GPU, so that the timings mean something
+        [ $(left) -gt 30 ] || break
         timeout -s TERM $(( $(left) - 5 )) python3 -m common bench --experiment res_512_d --device cuda \
             $SET $DATA --record > "$LOGS/bench${SET// /}.log" 2>&1
     done
