@@ -137,15 +137,18 @@ def every_run(training_dir, name):
 
 
 def equal_epochs_runs(training_dir, checks):
-    """(label, run) for the first fast94 run that has res_512_d checks of as many epochs on the same
-    data and device, then those checks; empty unless such a pair exists."""
+    """(label, run) for the first fast94 run (of its experiment's folder, then of the checks) that
+    has res_512_d checks of as many epochs on the same data and device, then those checks; empty
+    unless such a pair exists."""
     fast, baseline = EQUAL_EPOCHS
-    for run in every_run(training_dir, fast):
+    candidates = [(fast, run) for run in every_run(training_dir, fast)]
+    candidates += [(f"{fast} ({name})", check) for name, check in checks if check.name == fast]
+    for label, run in candidates:
         matched = [(f"{baseline} ({name})", check) for name, check in checks if check.name == baseline
                    and len(check.history["test_acc"]) == len(run.history["test_acc"])
                    and (check.variant, check.device) == (run.variant, run.device)]
         if matched:
-            return [(fast, run)] + matched
+            return [(label, run)] + matched
     return []
 
 

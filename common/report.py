@@ -576,7 +576,8 @@ def train_commands(names):
 # Figures whose runs need more than `train NAME`: the commands that made them (the CPU check's as run here).
 FIGURE_COMMANDS = {
     "beyond.png": "python -m common train fast94 --seeds 3\npython -m common train best_5m --seeds 3",
-    "fast94_vs_res_512_d.png": "python -m common train fast94 --device cpu --set micro_batch=512\n"
+    "fast94_vs_res_512_d.png": "python -m common train fast94 --device cpu --set micro_batch=512 "
+                               "--out results/checks/cpu-fast94-mb512\n"
                                "python -m common train res_512_d --epochs 10 --device cpu "
                                "--out results/checks/cpu-res_512_d-10-epochs",
 }

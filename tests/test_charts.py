@@ -5,7 +5,7 @@ from PIL import Image
 from common.charts import collect_groups, make_charts, results_markdown, summary_rows, summary_table
 from common.experiments import EXPERIMENTS
 from common.models import count_parameters, model_from_config
-from common.history import write_history, write_run_info
+from common.history import HISTORY_FILES, write_history, write_run_info
 
 
 def fake_run(folder, test_acc, budget="full", variant="exact-offline", status="complete"):
@@ -115,6 +115,14 @@ def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_devi
         ("fast94", [0.8, 0.93]), ("res_512_d (cpu-res_512_d-2-epochs)", [0.4, 0.55])]
     (check / "run.json").write_text(json.dumps({**info, "device": {"type": "cuda", "name": "other"}}))
     assert equal_epochs_runs(training, collect_checks(checks)) == []
+
+    # A fast94 check (a changed setting, e.g. micro_batch on the CPU) pairs with it as well.
+    (check / "run.json").write_text(json.dumps(info))
+    (checks / "cpu-fast94").mkdir()
+    for name in ("run.json", *HISTORY_FILES.values()):
+        (training / "fast94" / name).rename(checks / "cpu-fast94" / name)
+    assert [label for label, _ in equal_epochs_runs(training, collect_checks(checks))] == [
+        "fast94 (cpu-fast94)", "res_512_d (cpu-res_512_d-2-epochs)"]
 
 
 def test_readme_results_give_a_seed_group_as_mean_and_std_of_its_full_runs(tmp_path):
