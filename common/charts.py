@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
-from .summary import SUMMARY_COLUMNS, Row, end_of_run, settings_changed, summary_rows
+from .summary import SUMMARY_COLUMNS, Row, end_of_run, recipe_changes, settings_changed, summary_rows
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -137,12 +137,14 @@ def every_run(training_dir, name):
 
 
 def equal_epochs_runs(training_dir, checks):
-    """(label, run) for the first fast94 run (of its experiment's folder, then of the checks) that
-    has res_512_d checks of as many epochs on the same data and device, then those checks; empty
-    unless such a pair exists."""
+    """(label, run) for the first fast94 run (of its experiment's folder, then of the checks, those
+    with the fewest changed settings first) that has res_512_d checks of as many epochs on the same
+    data and device, then those checks; empty unless such a pair exists."""
     fast, baseline = EQUAL_EPOCHS
+    fast_checks = sorted(((name, check) for name, check in checks if check.name == fast),
+                         key=lambda item: len(recipe_changes(Row(fast, "check", [item[1]]))))
     candidates = [(fast, run) for run in every_run(training_dir, fast)]
-    candidates += [(f"{fast} ({name})", check) for name, check in checks if check.name == fast]
+    candidates += [(f"{fast} ({name})", check) for name, check in fast_checks]
     for label, run in candidates:
         matched = [(f"{baseline} ({name})", check) for name, check in checks if check.name == baseline
                    and len(check.history["test_acc"]) == len(run.history["test_acc"])

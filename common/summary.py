@@ -160,12 +160,16 @@ class Row:
 PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}  # not recipe changes
 
 
-def settings_changed(row):
-    """'micro_batch=512': the recipe settings the row's runs recorded that differ from the registry's."""
+def recipe_changes(row):
+    """{setting: value} for the recipe settings the row's runs recorded that differ from the registry's."""
     planned = json.loads(json.dumps(row.config.to_dict()))  # tuples as the lists run.json holds
-    changes = {k: v for run in row.runs for k, v in run.info.get("config", {}).items()
-               if k in planned and k not in PLACE_AND_BUDGET and v != planned[k]}
-    return ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
+    return {k: v for run in row.runs for k, v in run.info.get("config", {}).items()
+            if k in planned and k not in PLACE_AND_BUDGET and v != planned[k]}
+
+
+def settings_changed(row):
+    """'micro_batch=512': recipe_changes as text."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(recipe_changes(row).items()))
 
 
 def end_of_run(row):

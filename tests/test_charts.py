@@ -121,6 +121,10 @@ def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_devi
     (checks / "cpu-fast94").mkdir()
     for name in ("run.json", *HISTORY_FILES.values()):
         (training / "fast94" / name).rename(checks / "cpu-fast94" / name)
+    # Of several, the one closest to the registry's recipe: here the other changes block_convs.
+    fake_run(checks / "a-fast94-1conv", [0.7, 0.92])
+    (checks / "a-fast94-1conv" / "run.json").write_text(json.dumps(
+        {**json.loads((checks / "cpu-fast94" / "run.json").read_text()), "config": {"block_convs": 1}}))
     assert [label for label, _ in equal_epochs_runs(training, collect_checks(checks))] == [
         "fast94 (cpu-fast94)", "res_512_d (cpu-res_512_d-2-epochs)"]
 
