@@ -12,7 +12,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
-from .summary import SUMMARY_COLUMNS, Row, end_of_run, recipe_changes, settings_changed, summary_rows
+from .summary import (SUMMARY_COLUMNS, Row, end_of_run, model_costs, recipe_changes, settings_changed,
+                      summary_rows)
 
 RESULTS_DIR = REPO_ROOT / "results"
 README = REPO_ROOT / "README.md"
@@ -138,11 +139,11 @@ def every_run(training_dir, name):
 
 def equal_epochs_runs(training_dir, checks):
     """(label, run) for the first fast94 run (of its experiment's folder, then of the checks, those
-    with the fewest changed settings first) that has res_512_d checks of as many epochs on the same
-    data and device, then those checks; empty unless such a pair exists."""
+    closest to the registry's first) that has res_512_d checks of as many epochs on the same data
+    and device, then those checks; empty unless such a pair exists."""
     fast, baseline = EQUAL_EPOCHS
     fast_checks = sorted(((name, check) for name, check in checks if check.name == fast),
-                         key=lambda item: len(recipe_changes(Row(fast, "check", [item[1]]))))
+                         key=lambda item: distance_from_registry(item[1]))
     candidates = [(fast, run) for run in every_run(training_dir, fast)]
     candidates += [(f"{fast} ({name})", check) for name, check in fast_checks]
     for label, run in candidates:
@@ -152,6 +153,13 @@ def equal_epochs_runs(training_dir, checks):
         if matched:
             return [(label, run)] + matched
     return []
+
+
+def distance_from_registry(run):
+    """A sort key: runs of the registry's model (its parameter count) first, then those with the
+    fewest changed settings."""
+    row = Row(run.name, "check", [run])
+    return row.parameters != model_costs(row.config)[0], len(recipe_changes(row))
 
 
 def equal_epochs_chart(shown, path):

@@ -99,6 +99,8 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
 
 def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_device(tmp_path):
     from common.charts import collect_checks, equal_epochs_runs
+    from common.experiments import FAST94
+    from common.summary import model_costs
     training, checks = tmp_path / "training", tmp_path / "checks"
     for seed in (0, 1):  # a GPU seed group hides the fast94 folder's own run from the tables...
         fake_run(training / "fast94" / f"seed{seed}", [0.9, 0.94])
@@ -121,10 +123,12 @@ def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_devi
     (checks / "cpu-fast94").mkdir()
     for name in ("run.json", *HISTORY_FILES.values()):
         (training / "fast94" / name).rename(checks / "cpu-fast94" / name)
-    # Of several, the one closest to the registry's recipe: here the other changes block_convs.
+    # Of several, the registry's model first: here both change one setting, the other the model.
+    info = json.loads((checks / "cpu-fast94" / "run.json").read_text())
+    (checks / "cpu-fast94" / "run.json").write_text(json.dumps(
+        {**info, "config": {"micro_batch": 512}, "trainable_parameters": model_costs(FAST94)[0]}))
     fake_run(checks / "a-fast94-1conv", [0.7, 0.92])
-    (checks / "a-fast94-1conv" / "run.json").write_text(json.dumps(
-        {**json.loads((checks / "cpu-fast94" / "run.json").read_text()), "config": {"block_convs": 1}}))
+    (checks / "a-fast94-1conv" / "run.json").write_text(json.dumps({**info, "config": {"block_convs": 1}}))
     assert [label for label, _ in equal_epochs_runs(training, collect_checks(checks))] == [
         "fast94 (cpu-fast94)", "res_512_d (cpu-res_512_d-2-epochs)"]
 
