@@ -16,6 +16,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def at_least_one(text):
+    """An argparse type: an int of 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_list(args):
     from .history import experiment_state
     from .models import count_parameters, model_from_config, model_options
@@ -174,8 +182,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int)
     p.add_argument("--data-dir")
     p.add_argument("--no-download", action="store_true")
-    p.add_argument("--steps", type=int, default=20, help="training steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--steps", type=at_least_one, default=20, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=at_least_one, default=3, help="timed repeats; the median is reported")
     p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Config field for every mode alike, e.g. --set compile=true "
@@ -187,7 +195,7 @@ def build_parser():
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--seed-study", action="store_true", help="the original study's fourteen experiments")
     p.add_argument("--all", action="store_true", help="every registered experiment")
-    p.add_argument("--parallel", type=int, default=1, help="processes at once on each device")
+    p.add_argument("--parallel", type=at_least_one, default=1, help="processes at once on each device")
     p.add_argument("--devices", default="auto", help="comma-separated, e.g. cuda:0,cuda:1")
     p.add_argument("--out-root", help="run folders go to OUT_ROOT/<experiment> (default: training/)")
     p.add_argument("--epochs", type=int)

@@ -105,6 +105,7 @@ class Config:
             (self.lr_batch_size is None or self.lr_batch_size >= 1,
              f"lr_batch_size must be at least 1, got {self.lr_batch_size}"),
             (self.val >= 0, f"val must not be negative, got {self.val}"),
+            (0 <= self.seed < 2 ** 32, f"seed must be in [0, 2**32), got {self.seed}"),
             (len(self.mean) == 3 and len(self.std) == 3, "mean and std need three values each"),
         ]
         for ok, message in checks:

@@ -201,14 +201,15 @@ def load_cifar10(data_dir=None, allow_download=True):
                    torch.from_numpy(test_images), torch.from_numpy(test_labels), folder, variant, digest)
 
 
-def stratified_subset(labels, size, seed):
-    """Indices of `size` images with the classes as evenly represented as the labels allow."""
+def stratified_subset(labels, size, seed, what="subset"):
+    """Indices of `size` images with the classes as evenly represented as the labels allow;
+    `what` names the option that asked for them in the error where there are too few."""
     generator = torch.Generator().manual_seed(seed)
     classes = labels.unique()
     per_class = [torch.nonzero(labels == c).flatten() for c in classes]
     quota = [size // len(classes) + (i < size % len(classes)) for i in range(len(classes))]
     if any(q > len(idx) for q, idx in zip(quota, per_class)):
-        raise UserError(f"subset of {size} images is larger than the training set allows")
+        raise UserError(f"{what} of {size} images: the {len(labels)} training images hold too few of some class")
     picked = [idx[torch.randperm(len(idx), generator=generator)[:q]] for q, idx in zip(quota, per_class)]
     return torch.cat(picked).sort().values
 

@@ -418,7 +418,7 @@ def empty_history(config):
 def hold_out(data, count, seed):
     """The data with `count` stratified training images moved out of training into the set
     evaluated each epoch (in place of the test set)."""
-    held = cifar.stratified_subset(data.train_labels, count, seed)
+    held = cifar.stratified_subset(data.train_labels, count, seed, what="val")
     keep = torch.ones(len(data.train_labels), dtype=torch.bool)
     keep[held] = False
     if not keep.any():

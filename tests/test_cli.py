@@ -65,6 +65,10 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--set", "widths=[8,8]"], "res_512_d has no option widths"),
     (["train", "fast94", "--set", "averaging=swa"], "averaging is none, ema or lookahead"),
     (["train", "fast94", "--set", "pad_mode=wrap"], "pad_mode is zeros or reflect"),
+    (["train", "res_512_d", "--seed", "-1"], "seed must be in \\[0, 2\\*\\*32\\), got -1"),
+    (["study", "res_512", "--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
+    (["bench", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, message):
     corrupt = tmp_path / "corrupt" / "cifar-10-batches-py"

@@ -131,7 +131,7 @@ def test_stratified_subset_balances_classes_and_is_seeded():
     assert len(subset) == 105 and counts.min() == 10 and counts.max() == 11
     assert torch.equal(subset, cifar.stratified_subset(labels, 105, seed=1))
     assert not torch.equal(subset, cifar.stratified_subset(labels, 105, seed=2))
-    with pytest.raises(UserError, match="larger than the training set"):
+    with pytest.raises(UserError, match="subset of 2000 images: the 1000 training images hold too few"):
         cifar.stratified_subset(labels, 2000, seed=1)
 
 

@@ -307,7 +307,7 @@ def test_val_holds_out_images_and_tests_once_at_the_end(tmp_path, tiny):
 
 
 def test_val_larger_than_the_training_set_is_refused(tmp_path, tiny):
-    with pytest.raises(UserError, match="larger than the training set"):
+    with pytest.raises(UserError, match="val of 400 images: the 200 training images hold too few"):
         train("res_512", out_dir=tmp_path, epochs=1, val=400, **tiny)
 
 
