@@ -91,7 +91,7 @@ class Config:
              f"subset must be at least 10 images (one per class), got {self.subset}"),
             (self.crop_padding >= 0, f"crop_padding must not be negative, got {self.crop_padding}"),
             (self.pad_mode in ("zeros", "reflect"), f"pad_mode is zeros or reflect, got {self.pad_mode!r}"),
-            (self.cutout >= 0, f"cutout must not be negative, got {self.cutout}"),
+            (0 <= self.cutout <= 32, f"cutout is a square's side in [0, 32] pixels, got {self.cutout}"),
             (self.averaging in ("none", "ema", "lookahead"),
              f"averaging is none, ema or lookahead, got {self.averaging!r}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
@@ -100,6 +100,8 @@ class Config:
             (0.0 <= self.label_smoothing < 1.0,
              f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction of the run in [0, 1), got {self.warmup}"),
+            (self.momentum >= 0, f"momentum must not be negative, got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must not be negative, got {self.weight_decay}"),
             (not self.nesterov or self.momentum > 0, "nesterov needs a positive momentum"),
             (self.norm_lr_scale > 0, f"norm_lr_scale must be positive, got {self.norm_lr_scale}"),
             (self.lr_batch_size is None or self.lr_batch_size >= 1,
@@ -107,6 +109,7 @@ class Config:
             (self.val >= 0, f"val must not be negative, got {self.val}"),
             (0 <= self.seed < 2 ** 32, f"seed must be in [0, 2**32), got {self.seed}"),
             (len(self.mean) == 3 and len(self.std) == 3, "mean and std need three values each"),
+            (all(s > 0 for s in self.std), f"std must be positive, got {list(self.std)}"),
         ]
         for ok, message in checks:
             if not ok:

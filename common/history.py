@@ -74,7 +74,10 @@ def run_lock(folder):
     """Hold `folder` for one run: a second run pointed at it is refused while the first lives.
     The lock file names the holder's pid, so a lock left by a killed run is recognised and taken."""
     path = Path(folder) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission, a read-only disk
+        raise UserError(f"{folder}: cannot be the run folder ({e.strerror})") from None
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

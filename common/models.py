@@ -212,6 +212,9 @@ class CifarResNet(nn.Module):
                             f"{list(blocks)}")
         if block_convs not in (1, 2):
             raise UserError(f"block_convs is 1 or 2, got {block_convs}")
+        if min(widths) < 1 or min(blocks) < 0:
+            raise UserError(f"widths must be at least 1 and blocks at least 0, got {list(widths)} and "
+                            f"{list(blocks)}")
         if whiten:
             self.stem = nn.Sequential(PatchWhitening(), activation_layer(activation))
             cin = self.stem[0].out_channels

@@ -65,6 +65,13 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--set", "widths=[8,8]"], "res_512_d has no option widths"),
     (["train", "fast94", "--set", "averaging=swa"], "averaging is none, ema or lookahead"),
     (["train", "fast94", "--set", "pad_mode=wrap"], "pad_mode is zeros or reflect"),
+    (["train", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1 and blocks at least 0"),
+    (["train", "fast94", "--set", "blocks=[-1,1,1]"], "widths must be at least 1 and blocks at least 0"),
+    (["train", "fast94", "--set", "cutout=33"], "cutout is a square's side in \\[0, 32\\] pixels"),
+    (["train", "res_512_d", "--set", "momentum=-1"], "momentum must not be negative"),
+    (["train", "res_512_d", "--set", "weight_decay=-1"], "weight_decay must not be negative"),
+    (["train", "res_512_d", "--set", "std=[0,0,0]"], "std must be positive"),
+    (["train", "res_512_d", "--out", "{file}"], "cannot be the run folder \\(File exists\\)"),
     (["train", "res_512_d", "--seed", "-1"], "seed must be in \\[0, 2\\*\\*32\\), got -1"),
     (["study", "res_512", "--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
     (["bench", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
@@ -75,7 +82,8 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, mess
     corrupt.mkdir(parents=True)
     for name in os.listdir(fake_data / "cifar-10-batches-py"):
         (corrupt / name).write_bytes((fake_data / "cifar-10-batches-py" / name).read_bytes()[:100])
-    args = [a.format(tmp=tmp_path / "empty", corrupt=corrupt.parent) for a in args]
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.format(tmp=tmp_path / "empty", corrupt=corrupt.parent, file=tmp_path / "file") for a in args]
     result = cli(*args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
