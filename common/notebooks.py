@@ -16,13 +16,15 @@ out_dir = None  # None: this notebook's folder
 device = "auto"  # auto, cpu, cuda, cuda:N
 subset = None  # N stratified training images: a smoke run, kept out of results
 seed = 0
+resume = False  # True: continue the interrupted run in out_dir from its checkpoint
 settings = {{}}  # any other Config field, e.g. {{"lr": 0.05, "micro_batch": 256}}'''
 
 TRAIN = '''\
 import common
 
 run = common.train("{name}", epochs=epochs, batch_size=batch_size, data_dir=data_dir,
-                   out_dir=out_dir, device=device, subset=subset, seed=seed, **settings)'''
+                   out_dir=out_dir, device=device, subset=subset, seed=seed, resume=resume,
+                   **settings)'''
 
 SUMMARY = '''\
 print(run.summary())

@@ -373,7 +373,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
     full_budget = (config.subset is None and config.epochs >= exp.config.epochs
                    and data.variant in cifar.FULL_VARIANTS)
     if checkpoint is None:
-        refuse_to_replace_full_run(folder, full_budget, overwrite)
+        refuse_to_replace(folder, full_budget, overwrite)
     if config.subset is not None:
         data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
     test = (data.test_images.to(device), data.test_labels.to(device))
@@ -459,7 +459,7 @@ def run_epochs(run):
                     raise RunInterrupted(stop.signal, f"stopped by {stop.signal.name} at epoch "
                                          f"{position['epoch'] + 1}, step {position['step']}; checkpoint "
                                          f"saved; resume with: python -m common train {run.exp.name} "
-                                         f"--out {run.folder} --resume")
+                                         f"--out {run.folder} --resume (in a notebook: resume = True)")
                 finish_epoch(run, autocast, epoch_start, session_start, progress)
     except BaseException as e:
         if info["status"] == "running":
@@ -717,15 +717,22 @@ def normalise(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def refuse_to_replace_full_run(folder, full_budget, overwrite):
-    """A smoke run must not silently wipe a finished full-budget run's history."""
+def refuse_to_replace(folder, full_budget, overwrite):
+    """A fresh start must not silently wipe what the folder holds: an unfinished run that its
+    checkpoint can continue, or, for a smoke run, a full-budget run's history."""
+    if overwrite:
+        return
     try:
         previous = read_run_info(folder)
     except RunFolderError:
         return
-    if previous.get("budget") == "full" and previous.get("epochs_done") and not full_budget \
-            and not overwrite:
-        raise UserError(f"{folder} holds a full-budget run ({previous['epochs_done']} epochs); "
+    done = previous.get("epochs_done")
+    if previous.get("status") not in (None, "complete") and (Path(folder) / CHECKPOINT_FILE).is_file():
+        raise UserError(f"{folder} holds an unfinished run ({done}/{previous.get('planned_epochs', '?')} "
+                        f"epochs) and its checkpoint: pass --resume to continue it, or --overwrite to "
+                        f"start afresh (resume=True or overwrite=True from Python)")
+    if previous.get("budget") == "full" and done and not full_budget:
+        raise UserError(f"{folder} holds a full-budget run ({done} epochs); "
                         f"a smoke run would replace it: pass another --out, or --overwrite")
 
 

@@ -123,6 +123,18 @@ def test_a_smoke_run_does_not_replace_a_full_run(tmp_path, tiny):
     train("res_512", out_dir=tmp_path, epochs=1, overwrite=True, **tiny)
 
 
+def test_a_fresh_start_does_not_wipe_an_unfinished_run_that_its_checkpoint_continues(tmp_path, tiny):
+    train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    info = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    (tmp_path / "checkpoint.pt").touch(exist_ok=True)
+    with pytest.raises(UserError, match=r"holds an unfinished run \(1/1 epochs\) and its checkpoint: pass --resume"):
+        train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"  # untouched
+    train("res_512", out_dir=tmp_path, epochs=1, overwrite=True, **tiny)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "complete"
+
+
 @pytest.mark.parametrize("name, message", [("tpu", "unknown device"), ("cuda:7", "CUDA|visible"),
                                            ("mps", "not supported")])
 def test_bad_devices(name, message):
