@@ -289,15 +289,22 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
         cluster.close()
 
 
-def train_seeds(experiment, seeds, first_seed=0, out_dir=None, **kwargs):
+def train_seeds(experiment, seeds, first_seed=0, out_dir=None, resume=False, **kwargs):
     """`train` once per seed first_seed, first_seed + 1, ... into seed<N>/ subfolders of the
     experiment's folder (or `out_dir`), then summarise every complete seed there in seeds.json
-    (history.write_seeds_summary). Returns the runs."""
+    (history.write_seeds_summary). With `resume`, a complete seed is kept, an unfinished one
+    continued from its checkpoint and one without a checkpoint started. Returns the runs trained."""
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
     folder = Path(out_dir) if out_dir is not None else get_experiment(experiment).folder
-    runs = [train(experiment, out_dir=folder / f"seed{seed}", seed=seed, **kwargs)
-            for seed in range(first_seed, first_seed + seeds)]
+    runs = []
+    for seed in range(first_seed, first_seed + seeds):
+        seed_folder = folder / f"seed{seed}"
+        if resume and read_run_info(seed_folder).get("status") == "complete":
+            print(f"{seed_folder}: complete, kept")
+            continue
+        runs.append(train(experiment, out_dir=seed_folder, seed=seed,
+                          resume=resume and (seed_folder / CHECKPOINT_FILE).is_file(), **kwargs))
     summary = write_seeds_summary(folder)
     print(f"{experiment} over {len(summary['seeds'])} seed(s): final test accuracy {100 * summary['mean']:.2f}% "
           f"± {100 * summary['std']:.2f} (sample std; seeds {summary['seeds']}) -> {folder / SEEDS_FILE}")

@@ -320,6 +320,18 @@ def test_seeds_run_into_sibling_folders_with_a_summary(tmp_path, tiny):
     assert summary["mean"] == pytest.approx(sum(accs) / 2)
 
 
+def test_seeds_resume_keeps_complete_seeds_continues_unfinished_and_starts_the_rest(tmp_path, tiny):
+    train_seeds("res_512", 2, first_seed=0, out_dir=tmp_path, epochs=1, **tiny)
+    kept = (tmp_path / "seed0" / "run.json").read_text()
+    info = json.loads((tmp_path / "seed1" / "run.json").read_text())  # as if stopped after its epoch
+    (tmp_path / "seed1" / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    runs = train_seeds("res_512", 3, first_seed=0, out_dir=tmp_path, epochs=1, resume=True, **tiny)
+    assert [r.folder.name for r in runs] == ["seed1", "seed2"]
+    assert (tmp_path / "seed0" / "run.json").read_text() == kept
+    assert len(json.loads((tmp_path / "seed1" / "run.json").read_text())["resumed"]) == 1
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]
+
+
 def test_a_seed_trained_later_joins_the_summary_and_unfinished_ones_do_not(tmp_path, tiny):
     first, = train_seeds("res_512", 1, first_seed=4, out_dir=tmp_path, epochs=1, **tiny)
     (tmp_path / "seed9").mkdir()  # e.g. a run still going, or killed before its first epoch
