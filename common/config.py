@@ -18,11 +18,19 @@ class UserError(Exception):
     """A problem with the user's input: reported in one line, without a traceback."""
 
 
+# torch.load's advice around the reason it refused a file
+TORCH_LOAD_ADVICE = ("Weights only load failed", "Check the documentation of torch.load")
+
+
 def one_line(exc):
     """The telling line of an exception's message (torch.load's refusals span many lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [line for line in lines if "error:" in line.lower()]
-    return (telling or lines or [type(exc).__name__])[0]
+    lines = [line for line in lines if not line.startswith(TORCH_LOAD_ADVICE)] or lines
+    for i, line in enumerate(lines):
+        at = line.lower().rfind("error:")
+        if at >= 0:  # what follows "error:", on its line or the next ("WeightsUnpickler error:\n\nUnsupported ...")
+            return line[at + len("error:"):].strip() or (lines[i + 1:] or [line])[0]
+    return (lines or [type(exc).__name__])[0]
 
 
 @dataclass(frozen=True)

@@ -34,18 +34,24 @@ LOCK_FILE = "run.lock"
 
 def replace_atomically(path, write):
     """Call write(binary file) on a temporary file beside `path`, fsync it, then rename it over
-    `path`; on any failure the temporary file goes and `path` keeps its previous content."""
+    `path`; on any failure the temporary file goes and `path` keeps its previous content (an
+    OSError, such as a full disk, becomes a one-line UserError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a file where a folder should be, no permission, a read-only disk
+        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, say
+            raise UserError(f"{path}: cannot be written ({e.strerror or e})") from None
         raise
 
 

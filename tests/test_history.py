@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from common.config import UserError
 from common.history import (HISTORY_FILES, RunFolderError, experiment_state, read_history, read_run_info,
                             replace_atomically, write_atomic, write_history, write_run_info)
 
@@ -33,6 +34,20 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         raise RuntimeError("killed mid-write")
     with pytest.raises(RuntimeError):
         replace_atomically(tmp_path / "a.txt", dies_mid_write)
+    assert (tmp_path / "a.txt").read_text() == "complete\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_full_disk_or_a_file_in_the_way_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    write_atomic(tmp_path / "a.txt", "complete\n")
+    with pytest.raises(UserError, match=r"a.txt/b.txt: cannot be written \(File exists\)"):
+        write_atomic(tmp_path / "a.txt" / "b.txt", "x")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(UserError, match=r"a.txt: cannot be written \(No space left on device\)"):
+        write_atomic(tmp_path / "a.txt", "new\n")
     assert (tmp_path / "a.txt").read_text() == "complete\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
