@@ -95,11 +95,16 @@ def cmd_bench(args):
 
 def cmd_study(args):
     from .study import COMPLETE, SKIPPED, study
+    from .training import resolve_device
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
     if not names:
         raise UserError("name experiments, or pass --seed-study or --all")
+    names = list(dict.fromkeys(names))  # one process per folder: a name given twice runs once
     for name in names:
         get_experiment(name)
+    devices = args.devices.split(",")
+    for device in devices:  # a bad device fails here, not once per run
+        resolve_device(device)
     passthrough = {"--epochs": args.epochs, "--subset": args.subset, "--data-dir": args.data_dir,
                    "--batch-size": args.batch_size}
     extra = [str(v) for flag, value in passthrough.items() if value is not None for v in (flag, value)]
@@ -109,7 +114,7 @@ def cmd_study(args):
         config = get_experiment(name).config
         config.replace(**parse_settings(config, args.set))
     extra += [v for text in args.set for v in ("--set", text)]
-    outcomes = study(names, parallel=args.parallel, devices=args.devices.split(","), extra_args=extra,
+    outcomes = study(names, parallel=args.parallel, devices=devices, extra_args=extra,
                      out_root=args.out_root)
     unfinished = [name for name, outcome in outcomes.items() if outcome not in (COMPLETE, SKIPPED)]
     if unfinished:

@@ -54,11 +54,12 @@ def test_bench_refuses_an_unknown_mode():
 
 
 def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_path, fake_data):
-    args = ["study", "res_512", "changing_optimisers/adam", "--parallel", "2", "--devices", "cpu",
+    args = ["study", "res_512", "changing_optimisers/adam", "res_512", "--parallel", "2", "--devices", "cpu",
             "--out-root", tmp_path, "--epochs", "1", "--batch-size", "64", "--data-dir", fake_data,
             "--no-download"]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
+    assert first.stdout.count("started res_512 on cpu") == 1  # a name given twice runs once
     for name in ("res_512", "changing_optimisers/adam"):
         assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "complete"
         assert f"started {name} on cpu" in first.stdout and f"{name}: complete" in first.stdout

@@ -73,6 +73,7 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--set", "std=[0,0,0]"], "std must be positive"),
     (["train", "res_512_d", "--out", "{file}"], "cannot be the run folder \\(File exists\\)"),
     (["train", "res_512_d", "--seed", "-1"], "seed must be in \\[0, 2\\*\\*32\\), got -1"),
+    (["study", "res_512", "--devices", "cpu,"], "unknown device ''"),
     (["study", "res_512", "--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
     (["bench", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
     (["bench", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
