@@ -210,15 +210,20 @@ def table(result):
     return "\n".join(lines)
 
 
-def record(result, command, bench_dir=BENCH_DIR):
-    """Keep the result as results/bench/<device>-<experiment>-b<batch>.json and regenerate
-    results/bench.md."""
-    bench_dir = Path(bench_dir)
+def record_name(result):
+    """'cpu_amd_epyc_2_threads-res_512_d-b128': the device's name (so that records of two CPU or
+    GPU models live side by side), the experiment, the batch size and any settings."""
     settings = "".join(f"-{key}-{value}" for key, value in result.get("settings", {}).items())
-    name = re.sub(r"[^\w.-]", "_", f"{result['device_type']}-{result['experiment'].replace('/', '-')}"
-                                     f"-b{result['batch_size']}{settings}")
+    device = re.sub(r"[^a-z0-9]+", "_", result["device"].lower()).strip("_")
+    return re.sub(r"[^\w.-]", "_", f"{device}-{result['experiment'].replace('/', '-')}"
+                                    f"-b{result['batch_size']}{settings}")
+
+
+def record(result, command, bench_dir=BENCH_DIR):
+    """Keep the result as results/bench/<record_name>.json and regenerate results/bench.md."""
+    bench_dir = Path(bench_dir)
     kept = {**result, "command": command, "git": git_commit(), "recorded": now()}
-    write_atomic(bench_dir / f"{name}.json", json.dumps(kept, indent=2) + "\n")
+    write_atomic(bench_dir / f"{record_name(result)}.json", json.dumps(kept, indent=2) + "\n")
     return write_markdown(bench_dir)
 
 

@@ -27,9 +27,9 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, fake_data):
     assert saved["training_flops_per_image"] > 3 * 50_000_000  # forward + backward of res_512
 
     md = record(saved, "python -m common bench ...", tmp_path / "bench")
-    assert md.name == "bench.md" and "## cpu-res_512-b8" in md.read_text()
+    assert md.name == "bench.md" and re.search(r"^## cpu_\w+-res_512-b8$", md.read_text(), re.M)
     assert table(saved) in md.read_text()
-    kept = json.loads((tmp_path / "bench" / "cpu-res_512-b8.json").read_text())
+    kept = json.loads(next((tmp_path / "bench").glob("cpu_*-res_512-b8.json")).read_text())
     assert len(kept["git"]["commit"]) == 40 and kept["recorded"].startswith("20")  # which code, when
     assert f"code {kept['git']['commit'][:7]}" in md.read_text()
 
@@ -44,8 +44,11 @@ def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path,
     assert modes == ["reduce-overhead", "reduce-overhead"]  # the limit's step, then the training loop
     assert result["settings"] == {"compile": True, "compile_mode": "reduce-overhead"}
     assert "res_512, batch 8, compile=True, compile_mode=reduce-overhead, CPU" in table(result)
-    record(result, "python -m common bench ...", tmp_path / "bench")
-    assert (tmp_path / "bench" / "cpu-res_512-b8-compile-True-compile_mode-reduce-overhead.json").is_file()
+    record({**result, "device": "CPU: AMD EPYC, 2 threads"}, "python -m common bench ...", tmp_path / "bench")
+    record({**result, "device": "NVIDIA H200"}, "python -m common bench ...", tmp_path / "bench")
+    assert sorted(p.name for p in (tmp_path / "bench").glob("*.json")) == [  # two devices, two records
+        "cpu_amd_epyc_2_threads-res_512-b8-compile-True-compile_mode-reduce-overhead.json",
+        "nvidia_h200-res_512-b8-compile-True-compile_mode-reduce-overhead.json"]
 
 
 def test_bench_refuses_an_unknown_mode():
