@@ -277,7 +277,8 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    model_options(config)  # an unknown or foreign model option fails before any data loads
+    with torch.device("meta"):  # a bad model option or an over-budget model fails before any data loads
+        model_from_config(config)
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
     cluster = Cluster.from_environment(device.type)
