@@ -297,6 +297,13 @@ def model_from_config(config):
     return build_model(config.architecture, **model_options(config))
 
 
+def check_model(config):
+    """Build the config's model on the meta device (no memory, no data): a bad or foreign model
+    option, or a model over the budget, fails here before anything slow starts."""
+    with torch.device("meta"):
+        model_from_config(config)
+
+
 def summary(config, batch_size=None):
     """The torchinfo table of a config's model: output shapes, parameters, multiply-adds."""
     from torchinfo import summary as torchinfo_summary

@@ -67,6 +67,9 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "fast94", "--set", "pad_mode=wrap"], "pad_mode is zeros or reflect"),
     (["train", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1 and blocks at least 0"),
     (["train", "fast94", "--set", "blocks=[-1,1,1]"], "widths must be at least 1 and blocks at least 0"),
+    (["train", "fast94", "--set", "widths=[2000,2000,2000]"], "over the 5,000,000 budget"),
+    (["bench", "--experiment", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1"),
+    (["study", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1"),
     (["train", "fast94", "--set", "cutout=33"], "cutout is a square's side in \\[0, 32\\] pixels"),
     (["train", "res_512_d", "--set", "momentum=-1"], "momentum must not be negative"),
     (["train", "res_512_d", "--set", "weight_decay=-1"], "weight_decay must not be negative"),
@@ -85,7 +88,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, mess
         (corrupt / name).write_bytes((fake_data / "cifar-10-batches-py" / name).read_bytes()[:100])
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(tmp=tmp_path / "empty", corrupt=corrupt.parent, file=tmp_path / "file") for a in args]
-    if args[0] == "train" and "--data-dir" not in args:
+    if args[0] in ("train", "bench", "study") and "--data-dir" not in args:
         # no data anywhere: a check made after loading would fail with "no CIFAR-10 at" instead,
         # whether or not the repository holds data (CI's checkout does not)
         args += ["--data-dir", tmp_path / "empty", "--no-download"]
