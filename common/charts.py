@@ -43,7 +43,11 @@ class RunRecord:
 
     @property
     def device(self):
-        return self.info.get("device", {}).get("name", "unknown device").replace("NVIDIA ", "")
+        """The device the run started on, then each other one it was resumed on ('A + B'): its
+        epochs and wall time came from all of them."""
+        names = [self.info.get("device", {}).get("name", "unknown device")]
+        names += [resume.get("device", "unknown device") for resume in self.info.get("resumed", [])]
+        return " + ".join(dict.fromkeys(name.replace("NVIDIA ", "") for name in names))
 
     @property
     def smoke(self):

@@ -53,6 +53,16 @@ def test_an_unfinished_full_budget_run_is_no_result_and_stays_out_of_its_seeds_m
     assert "50.00" not in results_markdown(groups, []) and "res_512 |" not in results_markdown(groups, [])
 
 
+def test_a_run_resumed_on_another_device_names_both(tmp_path):
+    fake_run(tmp_path / "res_512", [0.4, 0.6])
+    info = json.loads((tmp_path / "res_512" / "run.json").read_text())
+    resumes = [{"at": "2026-11-27T04:37:03+00:00", "device": "NVIDIA H100 80GB HBM3"},
+               {"at": "2026-11-28T09:00:00+00:00", "device": "CPU: AMD EPYC, 2 threads"}]
+    write_run_info(tmp_path / "res_512", {**info, "resumed": resumes})
+    rows = {row[0]: row for row in summary_rows(collect_groups(tmp_path))}
+    assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: AMD EPYC, 2 threads"
+
+
 def test_model_summary_cells_hold_their_whole_text(tmp_path):
     training = tmp_path / "training"
     folder = training / "changing_activations/leakyrelu"  # the longest name, on a full row
