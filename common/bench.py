@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
-from .models import check_model, model_from_config, training_flops
+from .models import meta_model, model_from_config, training_flops
 from .training import (autocast_for, device_name, epoch_start_position, git_commit, make_optimizer, now,
                        prepare, resolve_device, start_run, train_one_epoch)
 
@@ -166,7 +166,7 @@ def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None,
     settings = dict(settings or {})
     overrides = {"data_dir": data_dir, "download": download, "device": device, "batch_size": batch_size}
     config = exp.config.replace(**settings, **{k: v for k, v in overrides.items() if v is not None})
-    check_model(config)
+    meta_model(config)  # model options and budget checked before the data loads
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)
     measure = {

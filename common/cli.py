@@ -94,7 +94,7 @@ def cmd_bench(args):
 
 
 def cmd_study(args):
-    from .models import check_model
+    from .models import meta_model
     from .study import COMPLETE, SKIPPED, study
     from .training import resolve_device
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
@@ -113,7 +113,7 @@ def cmd_study(args):
         extra.append("--no-download")
     for name in names:  # settings are checked against every experiment before any process starts
         config = get_experiment(name).config
-        check_model(config.replace(**parse_settings(config, args.set)))
+        meta_model(config.replace(**parse_settings(config, args.set)))
     extra += [v for text in args.set for v in ("--set", text)]
     outcomes = study(names, parallel=args.parallel, devices=devices, extra_args=extra,
                      out_root=args.out_root)

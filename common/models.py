@@ -297,11 +297,12 @@ def model_from_config(config):
     return build_model(config.architecture, **model_options(config))
 
 
-def check_model(config):
-    """Build the config's model on the meta device (no memory, no data): a bad or foreign model
-    option, or a model over the budget, fails here before anything slow starts."""
+def meta_model(config):
+    """A config's model on the meta device: shapes only, no weights allocated or initialised, in
+    milliseconds. Building it checks every model option and the parameter budget, so train, bench
+    and study call it before anything slow (the data) starts."""
     with torch.device("meta"):
-        model_from_config(config)
+        return model_from_config(config)
 
 
 def summary(config, batch_size=None):

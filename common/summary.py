@@ -7,10 +7,9 @@ import json
 import statistics
 from dataclasses import dataclass
 
-import torch
-
+from . import models
 from .experiments import EXPERIMENTS
-from .models import count_parameters, model_from_config, model_options, multiply_adds
+from .models import count_parameters, model_options, multiply_adds
 
 IMAGE_SIZE = (3, 32, 32)  # one CIFAR-10 image, channels first
 
@@ -47,12 +46,8 @@ def cost_cells(params, macs):
     return [f"{params:,}", f"{macs / 1e6:.1f}M"]
 
 
-@functools.lru_cache(maxsize=None)
-def meta_model(config):
-    """A config's model on the meta device: shapes only, no weights allocated or initialised, so
-    counting all fourteen costs milliseconds."""
-    with torch.device("meta"):
-        return model_from_config(config)
+# models.meta_model once per registry config (hashable, unlike a config with --set lists)
+meta_model = functools.lru_cache(maxsize=None)(models.meta_model)
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,7 @@ from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
                       final_test_acc, read_run_info, run_lock, save_tensors, write_history, write_run_info,
                       write_seeds_summary)
-from .models import (check_model, count_parameters, model_from_config, model_options, multiply_adds,
+from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
 
 EVAL_BATCH_SIZE = 500
@@ -277,7 +277,7 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    check_model(config)
+    meta_model(config)  # a bad model option or an over-budget model fails before any data loads
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
     cluster = Cluster.from_environment(device.type)
