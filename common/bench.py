@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
 from .models import meta_model, model_from_config, training_flops
-from .training import (autocast_for, device_name, epoch_start_position, git_commit, make_optimizer, now,
-                       prepare, resolve_device, start_run, train_one_epoch)
+from .training import (autocast_for, device_name, epoch_start_position, forward_backward, git_commit,
+                       make_optimizer, now, prepare, resolve_device, start_run, train_one_epoch)
 
 BENCH_DIR = REPO_ROOT / "results" / "bench"
 MODES = ("limit", "ours", "seed-style")
@@ -54,8 +53,9 @@ def median_rate(run_steps, images, repeats, device):
 
 
 def model_and_step(config, device):
-    """A fresh model on the device and a function doing one training step on (x, y), through
-    torch.compile where the config asks for it, as the training loop does."""
+    """A fresh model on the device and a function doing one training step on (x, y) as the
+    training loop does (through torch.compile where the config asks for it, in micro-batches, with
+    its loss), without the loop's augmentation and weight averaging."""
     torch.manual_seed(config.seed)
     model = prepare(model_from_config(config).to(device), config)
     optimizer = make_optimizer(model, config)
@@ -63,10 +63,8 @@ def model_and_step(config, device):
     train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     def step(x, y):
-        with autocast:
-            loss = F.cross_entropy(train_model(prepare(x, config)).float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        forward_backward(train_model, prepare(x, config), y, config, autocast)
         optimizer.step()
     return model.train(), step
 
@@ -119,7 +117,8 @@ class SeedStyleImages(torch.utils.data.Dataset):
 def measure_seed_style(config, device, data, steps, repeats):
     from torchvision import transforms
     transform = transforms.Compose([
-        transforms.RandomCrop(32, padding=config.crop_padding), transforms.RandomHorizontalFlip(),
+        transforms.RandomCrop(32, padding=config.crop_padding),
+        *([transforms.RandomHorizontalFlip()] if config.flip else []),
         transforms.RandomRotation(config.rotation_degrees), transforms.ToTensor(),
         transforms.Normalize(config.mean, config.std)])
     images = np.ascontiguousarray(data.train_images.permute(0, 2, 3, 1).numpy())
@@ -157,15 +156,15 @@ def matmul_flops_per_second(device, repeats=5):
     return statistics.median(rates), f"{str(dtype).removeprefix('torch.')} {n}x{n}"
 
 
-def bench(experiment="res_512_d", device="auto", batch_size=None, data_dir=None, steps=20, repeats=3,
-          modes=MODES, download=True, settings=None):
+def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, steps=20, repeats=3,
+          modes=MODES, download=None, settings=None):
     """Measure and return a JSON-able dict: the rates, FLOP rates and the two ratios. `settings`
-    changes Config fields for every mode alike (e.g. compile)."""
+    changes Config fields (the arguments, where given, win over the same fields in it)."""
     from .data import load_cifar10
     exp = get_experiment(experiment)
     settings = dict(settings or {})
     overrides = {"data_dir": data_dir, "download": download, "device": device, "batch_size": batch_size}
-    config = exp.config.replace(**settings, **{k: v for k, v in overrides.items() if v is not None})
+    config = exp.config.replace(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
     meta_model(config)  # model options and budget checked before the data loads
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
-from .history import HISTORY_FILES, RunFolderError, read_history, read_run_info, seed_folders
+from .history import HISTORY_FILES, RunFolderError, evaluated_set, read_history, read_run_info, seed_folders
 from .summary import (SUMMARY_COLUMNS, Row, end_of_run, model_costs, recipe_changes, settings_changed,
                       summary_rows)
 
@@ -68,8 +68,8 @@ class RunRecord:
 
 
 def load_run(folder, name):
-    """The run in `folder`, or None when it holds no history; a malformed one is reported in one
-    line and skipped."""
+    """The run in `folder`, or None when it holds no history; a malformed one, or a --val run
+    (a tuning run: its per-epoch figures are not test figures), is reported in one line and skipped."""
     folder = Path(folder)
     if not any((folder / f).exists() for f in HISTORY_FILES.values()):
         return None
@@ -77,6 +77,10 @@ def load_run(folder, name):
         history, info = read_history(folder), read_run_info(folder)
     except RunFolderError as e:
         print(f"skipped {name}: {e}")
+        return None
+    if evaluated_set(history) == "val":
+        print(f"skipped {name}: {folder} is a --val run (validation each epoch, the test set once: "
+              f"see its run.json), not a result")
         return None
     return RunRecord(name, history, info) if history["test_acc"] else None
 
@@ -188,9 +192,9 @@ def equal_epochs_chart(shown, path):
 
 
 def plot_accuracy(ax, history):
-    epochs = range(1, len(history["test_acc"]) + 1)
+    epochs = range(1, len(history["train_acc"]) + 1)
     ax.plot(epochs, [100 * v for v in history["train_acc"]], label="train")
-    ax.plot(epochs, [100 * v for v in history["test_acc"]], label="test")
+    ax.plot(epochs, [100 * v for v in history[f"{evaluated_set(history)}_acc"]], label=evaluated_set(history))
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
 
@@ -220,7 +224,7 @@ def results_markdown(groups, checks):
     full = {name: [run for run in runs if not run.smoke] for name, runs in groups.items()}
     rows = [row for row in summary_rows(full) if row[2] != "not run"]
     parts = [markdown_table(SUMMARY_COLUMNS, rows) if rows else
-             "No full-budget run yet: all fourteen experiments are still to be run on a GPU."]
+             "No full-budget run yet: every experiment is still to be run."]
     if checks:
         parts.append("Checks (reduced budgets or changed settings, in `results/checks/`: measurements "
                      "of the code, not results):")
@@ -317,13 +321,13 @@ def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULT
 
 
 def plot_run(folder):
-    """Loss and accuracy of one run folder, train against test (for notebooks)."""
+    """Loss and accuracy of one run folder, train against test (or validation) (for notebooks)."""
     import matplotlib.pyplot as plt
     history = read_history(folder)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = range(1, len(history["test_loss"]) + 1)
+    epochs = range(1, len(history["train_loss"]) + 1)
     loss_ax.plot(epochs, history["train_loss"], label="train")
-    loss_ax.plot(epochs, history["test_loss"], label="test")
+    loss_ax.plot(epochs, history[f"{evaluated_set(history)}_loss"], label=evaluated_set(history))
     loss_ax.set(xlabel="epoch", ylabel="loss")
     loss_ax.grid(alpha=0.3)
     plot_accuracy(acc_ax, history)

@@ -84,7 +84,7 @@ def cmd_bench(args):
     config = get_experiment(args.experiment).config
     settings = parse_settings(config, args.set)
     result = bench(args.experiment, args.device, args.batch_size, args.data_dir, args.steps,
-                   args.repeats, modes, download=not args.no_download, settings=settings)
+                   args.repeats, modes, download=False if args.no_download else None, settings=settings)
     print(table(result))
     if args.json:
         from .history import write_atomic
@@ -101,21 +101,21 @@ def cmd_study(args):
     if not names:
         raise UserError("name experiments, or pass --seed-study or --all")
     names = list(dict.fromkeys(names))  # one process per folder: a name given twice runs once
-    for name in names:
-        get_experiment(name)
     devices = args.devices.split(",")
     for device in devices:  # a bad device fails here, not once per run
         resolve_device(device)
-    passthrough = {"--epochs": args.epochs, "--subset": args.subset, "--data-dir": args.data_dir,
-                   "--batch-size": args.batch_size}
-    extra = [str(v) for flag, value in passthrough.items() if value is not None for v in (flag, value)]
-    if args.no_download:
-        extra.append("--no-download")
+    flags = {"epochs": args.epochs, "subset": args.subset, "batch_size": args.batch_size,
+             "data_dir": args.data_dir}
+    configs = {}
     for name in names:  # settings are checked against every experiment before any process starts
         config = get_experiment(name).config
-        meta_model(config.replace(**parse_settings(config, args.set)))
-    extra += [v for text in args.set for v in ("--set", text)]
-    outcomes = study(names, parallel=args.parallel, devices=devices, extra_args=extra,
+        configs[name] = config.replace(**{**parse_settings(config, args.set),
+                                          **{k: v for k, v in flags.items() if v is not None}})
+        meta_model(configs[name])
+    extra = [str(v) for key, value in flags.items() if value is not None
+             for v in (f"--{key.replace('_', '-')}", value)]
+    extra += ["--no-download"] * args.no_download + [v for text in args.set for v in ("--set", text)]
+    outcomes = study(configs, parallel=args.parallel, devices=devices, extra_args=extra,
                      out_root=args.out_root)
     unfinished = [name for name, outcome in outcomes.items() if outcome not in (COMPLETE, SKIPPED)]
     if unfinished:
@@ -157,7 +157,8 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, e.g. --set lr=0.05 --set optimizer=adam")
     p.add_argument("--overwrite", action="store_true",
-                   help="let a smoke run replace a full-budget run's files")
+                   help="start afresh in a folder whose unfinished run has a checkpoint, or let a "
+                        "smoke run replace a full-budget run's files")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the experiment's folder) from its checkpoint")
 
@@ -168,7 +169,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="CSV of ID,Labels rows")
     p.add_argument("--probs", help="also write a CSV of class probabilities")
     p.add_argument("--tta", action="store_true", help="average over flipped and shifted views")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
 
     p = commands.add_parser("charts", help="redraw the charts from the history files that exist")
     p.add_argument("--training-dir", default=TRAINING_DIR)
@@ -183,14 +184,15 @@ def build_parser():
     p.add_argument("--readme", default=README, help="README whose results block to rewrite")
 
     p = commands.add_parser("bench", help="training speed against the model's limit and the seed's pipeline")
-    p.add_argument("--experiment", default="res_512_d")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--experiment", default="res_512_d", help="a name from `python -m common list`")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, help="default: the experiment's")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: <repo>/data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if data is missing")
     p.add_argument("--steps", type=at_least_one, default=20, help="training steps per timed repeat")
     p.add_argument("--repeats", type=at_least_one, default=3, help="timed repeats; the median is reported")
-    p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")))
+    p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")),
+                   help="comma-separated, any of the default's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Config field for every mode alike, e.g. --set compile=true "
                         "--set compile_mode=reduce-overhead")
@@ -204,11 +206,11 @@ def build_parser():
     p.add_argument("--parallel", type=at_least_one, default=1, help="processes at once on each device")
     p.add_argument("--devices", default="auto", help="comma-separated, e.g. cuda:0,cuda:1")
     p.add_argument("--out-root", help="run folders go to OUT_ROOT/<experiment> (default: training/)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--subset", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--epochs", type=int, help="for every run (default: each experiment's)")
+    p.add_argument("--subset", type=int, help="N stratified training images for every run: a smoke study")
+    p.add_argument("--batch-size", type=int, help="for every run (default: each experiment's)")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: <repo>/data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if data is missing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Config field for every experiment, e.g. --set compile=true")
 

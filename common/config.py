@@ -5,6 +5,7 @@ with keyword arguments, `--epochs` style flags, or `--set key=value`.
 """
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,8 +42,8 @@ class Config:
     dropout: Optional[float] = None  # None: the architecture's own
     softmax_output: bool = False
     # model options of the CIFAR-style family (models.cifar_resnet); None: the architecture's own
-    widths: Optional[tuple] = None  # channels per stage
-    blocks: Optional[tuple] = None  # residual blocks per stage
+    widths: Optional[tuple[int, ...]] = None  # channels per stage
+    blocks: Optional[tuple[int, ...]] = None  # residual blocks per stage
     whiten: Optional[bool] = None  # frozen 2x2 patch-whitening stem
     squeeze_excitation: Optional[bool] = None
     preact: Optional[bool] = None  # pre-activation residual blocks
@@ -75,8 +76,8 @@ class Config:
     rotation_degrees: float = 20.0
     cutout: int = 0  # side of a random square set to the mean colour; 0: none
     trivial_augment: bool = False  # one random op of random magnitude per image
-    mean: tuple = CIFAR10_MEAN
-    std: tuple = CIFAR10_STD_SEED
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD_SEED
     # evaluation
     tta: bool = False  # the final test evaluation averages flipped and shifted views
     val: int = 0  # hold out N stratified training images to evaluate each epoch; test only at the end
@@ -89,6 +90,8 @@ class Config:
     sync_batchnorm: bool = False  # under torchrun on GPUs: batch statistics over all ranks
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # frozen: set the checked values the low way
+            object.__setattr__(self, field.name, checked(field.name, field.type, getattr(self, field.name)))
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
@@ -139,6 +142,41 @@ class Config:
         return self.lr * self.batch_size / self.lr_batch_size if self.lr_batch_size else self.lr
 
 
+def checked(name, annotation, value):
+    """`value` converted to the type its field is annotated with (Optional[int], tuple[float, ...]
+    and so on): a list becomes a tuple, an int a float; a value of another type (a string or a
+    bool for a number, say) is refused."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    if value is None and type(None) in kinds:
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+    base = typing.get_origin(kind) or kind
+    if not is_a(value, base) or (item is not None and not all(is_a(v, item) for v in value)):
+        expected = f"a list of {item.__name__}s" if item is not None else f"{article(base.__name__)} {base.__name__}"
+        raise UserError(f"{name} expects {expected}{' or null' if type(None) in kinds else ''}, got {value!r}")
+    if item is not None:
+        return tuple(item(v) for v in value)
+    return base(value)
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def is_a(value, kind):
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
 def parse_settings(config, texts):
     """{key: value} from several 'key=value' texts (parse_setting each)."""
     return dict(parse_setting(config, text) for text in texts)
@@ -146,7 +184,7 @@ def parse_settings(config, texts):
 
 def parse_setting(config, text):
     """'key=value' -> (key, value), the value read as JSON where it parses (numbers, true, null,
-    lists) and as a string otherwise, then checked against the field's current type."""
+    lists) and as a string otherwise, then checked against the field's type."""
     key, sep, raw = text.partition("=")
     if not sep:
         raise UserError(f"--set expects key=value, got {text!r}")
@@ -156,11 +194,4 @@ def parse_setting(config, text):
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    current = getattr(config, key)
-    if isinstance(value, list):
-        value = tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if current is not None and value is not None and type(value) is not type(current):
-        raise UserError(f"{key} expects a {type(current).__name__}, got {raw!r}")
-    return key, value
+    return key, checked(key, FIELD_TYPES[key], value)

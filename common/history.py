@@ -129,10 +129,14 @@ class RunFolderError(ValueError):
 
 
 def read_history(folder):
-    """The four series of a run folder, checked to be finite numbers of equal length."""
+    """The four series of a run folder (test_* or, for a --val run, val_* beside train_*), checked
+    to be finite numbers of equal length."""
     folder = Path(folder)
+    files = dict(HISTORY_FILES)
+    if (folder / VALIDATION_FILES["val_acc"]).is_file():
+        files = {k: v for k, v in files.items() if k.startswith("train")} | VALIDATION_FILES
     history = {}
-    for key, name in HISTORY_FILES.items():
+    for key, name in files.items():
         path = folder / name
         if not path.is_file():
             raise RunFolderError(f"{path}: missing")
@@ -147,6 +151,11 @@ def read_history(folder):
     if len(lengths) != 1:
         raise RunFolderError(f"{folder}: history files of different lengths {sorted(lengths)}")
     return history
+
+
+def evaluated_set(history):
+    """'test', or 'val' for a --val run: the set a run evaluated after every epoch."""
+    return "val" if "val_acc" in history else "test"
 
 
 def seed_folders(folder):

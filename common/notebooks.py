@@ -17,6 +17,7 @@ device = "auto"  # auto, cpu, cuda, cuda:N
 subset = None  # N stratified training images: a smoke run, kept out of results
 seed = 0
 resume = False  # True: continue the interrupted run in out_dir from its checkpoint
+overwrite = False  # True: start afresh over an unfinished run, or let a smoke run replace a full one
 settings = {{}}  # any other Config field, e.g. {{"lr": 0.05, "micro_batch": 256}}'''
 
 TRAIN = '''\
@@ -24,7 +25,7 @@ import common
 
 run = common.train("{name}", epochs=epochs, batch_size=batch_size, data_dir=data_dir,
                    out_dir=out_dir, device=device, subset=subset, seed=seed, resume=resume,
-                   **settings)'''
+                   overwrite=overwrite, **settings)'''
 
 SUMMARY = '''\
 print(run.summary())

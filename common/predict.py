@@ -67,6 +67,8 @@ def read_pickled_images(path):
     if not isinstance(content, dict) or b"data" not in content:
         raise UserError(f"{path}: expected a dict with b'data' (and optionally b'ids', b'labels')")
     images = cifar.images_from_array(path, content[b"data"])
+    if not len(images):
+        raise UserError(f"{path}: holds no images")
     try:
         ids = [i.item() if isinstance(i, np.generic) else i for i in content.get(b"ids", range(len(images)))]
     except TypeError:

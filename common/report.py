@@ -165,9 +165,9 @@ def summary_markdown(headline, smoke):
         "Written by `python -m common report` from the run folders under `training/` (a multi-seed "
         "group: its `seed<N>/` subfolders, shown as mean ± standard deviation over seeds). Best test % "
         "is the highest test accuracy of any epoch, final test % the last epoch's, end-of-run test % "
-        "the one evaluation after training where a run makes one (with test-time augmentation, TTA, "
-        "or after --val); original study % is the best/final test accuracy the original study "
-        "published.",
+        "the one evaluation after training where a run makes one (with test-time augmentation, TTA); "
+        "original study % is the best/final test accuracy the original study published. Runs with "
+        "--val (tuning runs, evaluated on held-out training images each epoch) are left out.",
         "## Results: full-budget runs, one row per experiment",
         markdown_table(MARKDOWN_COLUMNS, [markdown_values(row) for row in headline]),
         "## Smoke runs (reduced budgets: checks of the code, not results)",

@@ -1,8 +1,9 @@
 """python -m common study: run many experiments to completion, several processes at a time.
 
 Each experiment is one `python -m common train` process writing its own folder (its output goes
-to train.log there). A complete run is skipped, an unfinished one with a checkpoint resumed, and a
-failure is reported without stopping the others. One progress bar counts the epochs of them all.
+to train.log there). A complete run of the same settings is skipped, an unfinished one with a
+checkpoint resumed, any other started afresh (as `train` would, so a smoke study refuses to replace
+a full-budget run), and a failure is reported without stopping the others. One progress bar counts the epochs of them all.
 SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
 that the same command resumes them all.
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .experiments import REPO_ROOT, TRAINING_DIR, get_experiment
+from .experiments import REPO_ROOT, TRAINING_DIR
 from .history import CHECKPOINT_FILE, RunFolderError, read_run_info
-from .training import RunInterrupted, StopSignals
+from .training import RunInterrupted, StopSignals, differing_settings
 
 LOG_FILE = "train.log"
 COMPLETE, SKIPPED = "complete", "skipped (complete)"  # the outcomes of a run that needs nothing more
@@ -33,24 +34,23 @@ def read_status(folder):
         return {}
 
 
-def requested_epochs(name, extra_args):
-    if "--epochs" in extra_args:
-        return int(extra_args[extra_args.index("--epochs") + 1])
-    return get_experiment(name).config.epochs
-
-
-def study(names, parallel=1, devices=("auto",), extra_args=(), out_root=None, poll_seconds=0.5):
-    """Run `names` with `parallel` processes on each of `devices`; returns {name: outcome}."""
+def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, poll_seconds=0.5):
+    """Run the experiments named by `configs` ({name: the Config that `extra_args`, passed to each
+    `train`, make of it}) with `parallel` processes on each of `devices`; returns {name: outcome}."""
     extra_args = list(extra_args)
     root = Path(out_root) if out_root else TRAINING_DIR
     outcomes, queue = {}, []
-    for name in names:
-        folder, epochs = root / name, requested_epochs(name, extra_args)
+    for name, config in configs.items():
+        folder = root / name
         status = read_status(folder)
-        if status.get("status") == "complete" and status.get("planned_epochs") == epochs:
-            outcomes[name] = SKIPPED
+        if status.get("status") == "complete":
+            if not differing_settings(status.get("config", {}), config):
+                outcomes[name] = SKIPPED
+                continue
+            resume = False
         else:
-            queue.append((name, folder, epochs, (folder / CHECKPOINT_FILE).is_file()))
+            resume = (folder / CHECKPOINT_FILE).is_file()
+        queue.append((name, folder, config.epochs, resume))
     slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
     running = {}  # device slot index -> (name, folder, process)
     # Epochs resumed runs already did count as done, not as done in this session's first second.
@@ -102,14 +102,16 @@ def launch(name, folder, device, extra_args, resume):
 
 
 def outcome(returncode, folder):
-    """What a run's exit status says: complete, interrupted with its checkpoint saved, or failed."""
+    """What a run's exit status and last line say: complete, interrupted (with its checkpoint saved,
+    or before it could save one), or failed."""
     if returncode == 0:
         return COMPLETE
-    if returncode - 128 in StopSignals.SIGNALS:  # RunInterrupted, raised once it has saved
-        return "interrupted, checkpoint saved"
     if returncode < 0:  # killed before it could save: SIGKILL, or a stop before its handlers were set
         saved = "its last checkpoint is older" if (folder / CHECKPOINT_FILE).is_file() else "no checkpoint"
         return f"failed (killed by {signal.Signals(-returncode).name}): {saved}"
     text = (folder / LOG_FILE).read_text(errors="replace")
     lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and "step/s" not in line]
-    return f"failed (exit {returncode}): {lines[-1].strip() if lines else 'no output'}"
+    last = lines[-1].strip() if lines else "no output"
+    if returncode - 128 in StopSignals.SIGNALS:  # RunInterrupted says it saved; a stop before the loop did not
+        return "interrupted, checkpoint saved" if "checkpoint saved" in last else f"interrupted ({last})"
+    return f"failed (exit {returncode}): {last}"

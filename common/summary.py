@@ -46,7 +46,7 @@ def cost_cells(params, macs):
     return [f"{params:,}", f"{macs / 1e6:.1f}M"]
 
 
-# models.meta_model once per registry config (hashable, unlike a config with --set lists)
+# models.meta_model once per config: the report asks for the same few registry models many times
 meta_model = functools.lru_cache(maxsize=None)(models.meta_model)
 
 
@@ -122,8 +122,8 @@ class Row:
 
     @property
     def final_evaluation(self):
-        """The test % of the runs' final evaluation (with test-time augmentation, or after --val),
-        over the runs that made one."""
+        """The test % of the runs' final evaluation (with test-time augmentation), over the runs
+        that made one."""
         finals = [run.info["final_evaluation"] for run in self.runs if run.info.get("final_evaluation")]
         return mean_std([100 * f["test_acc"] for f in finals])
 

@@ -30,9 +30,9 @@ from . import data as cifar
 from .config import Config, UserError
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
-from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, load_checkpoint,
-                      final_test_acc, read_run_info, run_lock, save_tensors, write_history, write_run_info,
-                      write_seeds_summary)
+from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
+                      final_test_acc, load_checkpoint, read_run_info, run_lock, save_tensors, write_history,
+                      write_run_info, write_seeds_summary)
 from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
 
@@ -217,7 +217,7 @@ class Run:
         return final_test_acc(self.info, self.history)
 
     def summary(self):
-        evaluated = "val" if "val_acc" in self.history else "test"
+        evaluated = evaluated_set(self.history)
         acc = self.history[f"{evaluated}_acc"]
         if not acc:
             return f"{self.info['experiment']}: no finished epoch"
@@ -468,12 +468,13 @@ def run_epochs(run):
                                          f"saved; resume with: python -m common train {run.exp.name} "
                                          f"--out {run.folder} --resume (in a notebook: resume = True)")
                 finish_epoch(run, autocast, epoch_start, session_start, progress)
+        # Inside the try: a stop or failure here leaves the run resumable (to this evaluation).
+        info["final_evaluation"] = final_evaluation(run, autocast)
     except BaseException as e:
         if info["status"] == "running":
             info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         raise
     else:
-        info["final_evaluation"] = final_evaluation(run, autocast)
         info["status"] = "complete"
         if run.cluster.is_main:
             save_tensors(run.folder / WEIGHTS_FILE, run.eval_model.state_dict())
@@ -710,11 +711,17 @@ def restore_rng_states(states, generators):
 LOCATION_SETTINGS = {"data_dir", "download", "device"}
 
 
-def refuse_other_config(saved, config):
-    saved = {**Config().to_dict(), **saved}  # a field newer than the checkpoint had its default then
+def differing_settings(saved, config):
+    """The settings, but for where the run ran (LOCATION_SETTINGS), in which a saved config (a
+    checkpoint's or run.json's dict) differs from `config`."""
+    saved = {**Config().to_dict(), **saved}  # a field newer than the saved config had its default then
     current = config.to_dict()
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
+
+
+def refuse_other_config(saved, config):
+    differing = differing_settings(saved, config)
     if differing:
         raise UserError(f"the checkpoint was made with other settings ({', '.join(differing)}); "
                         f"resume with the same ones, or start afresh in another --out")
@@ -737,10 +744,11 @@ def refuse_to_replace(folder, full_budget, overwrite):
     if previous.get("status") not in (None, "complete") and (Path(folder) / CHECKPOINT_FILE).is_file():
         raise UserError(f"{folder} holds an unfinished run ({done}/{previous.get('planned_epochs', '?')} "
                         f"epochs) and its checkpoint: pass --resume to continue it, or --overwrite to "
-                        f"start afresh (resume=True or overwrite=True from Python)")
+                        f"start afresh (in a notebook: resume = True or overwrite = True)")
     if previous.get("budget") == "full" and done and not full_budget:
         raise UserError(f"{folder} holds a full-budget run ({done} epochs); "
-                        f"a smoke run would replace it: pass another --out, or --overwrite")
+                        f"a smoke run would replace it: pass another --out, or --overwrite "
+                        f"(in a notebook: out_dir, or overwrite = True)")
 
 
 def now():

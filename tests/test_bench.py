@@ -51,6 +51,17 @@ def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path,
         "nvidia_h200-res_512-b8-compile-True-compile_mode-reduce-overhead.json"]
 
 
+def test_bench_takes_any_field_in_settings_its_flags_win_and_the_limit_steps_as_the_loop(fake_data, monkeypatch):
+    from common import bench
+    batches, forward_backward = [], bench.forward_backward
+    monkeypatch.setattr(bench, "forward_backward", lambda model, x, y, config, autocast: batches.append(
+        (len(x), config.micro_batch)) or forward_backward(model, x, y, config, autocast))
+    result = bench.bench("res_512", batch_size=8, data_dir=str(fake_data), steps=1, repeats=1, modes=("limit",),
+                         settings={"device": "cpu", "download": False, "batch_size": 4, "micro_batch": 4})
+    assert result["batch_size"] == 8 and result["device_type"] == "cpu"
+    assert set(batches) == {(8, 4)}  # in micro-batches, as the training loop steps
+
+
 def test_bench_refuses_an_unknown_mode():
     result = cli("bench", "--modes", "ours,warp")
     assert result.returncode == 2 and "unknown bench mode warp" in result.stderr
@@ -68,6 +79,11 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
         assert f"started {name} on cpu" in first.stdout and f"{name}: complete" in first.stdout
     again = cli(*args)
     assert again.returncode == 0 and "started" not in again.stdout  # both complete: skipped
+    longer = cli("study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "2",
+                 "--batch-size", "64", "--data-dir", fake_data, "--no-download")
+    assert longer.returncode == 0, longer.stdout  # complete with other settings: started afresh, not resumed
+    assert "started res_512 on cpu\n" in longer.stdout
+    assert json.loads((tmp_path / "res_512" / "run.json").read_text())["epochs_done"] == 2
 
     broken = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path / "b",
                  "--epochs", "1", "--data-dir", tmp_path / "nowhere", "--no-download")
@@ -113,8 +129,12 @@ def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes_them(
 
 
 def test_a_run_killed_before_it_could_save_is_a_failure_not_a_saved_checkpoint(tmp_path):
-    (tmp_path / "train.log").write_text("epoch 1\n")
+    (tmp_path / "train.log").write_text("epoch 1\nerror: stopped by SIGTERM at epoch 2, step 5; checkpoint saved; "
+                                        "resume with: ...\n")
     assert outcome(143, tmp_path) == "interrupted, checkpoint saved"  # RunInterrupted saves first
+    (tmp_path / "train.log").write_text("epoch 1\n\ninterrupted: the run folder keeps every finished epoch\n")
+    assert outcome(130, tmp_path) == "interrupted (interrupted: the run folder keeps every finished epoch)"
+    (tmp_path / "train.log").write_text("epoch 1\n")
     assert outcome(-9, tmp_path) == "failed (killed by SIGKILL): no checkpoint"
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert outcome(-15, tmp_path) == "failed (killed by SIGTERM): its last checkpoint is older"

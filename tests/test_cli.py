@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from common.config import Config, UserError, parse_settings
 from common.experiments import EXPERIMENTS
 from conftest import REPO
 
@@ -59,6 +60,11 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--set", "lr=fast"], "lr expects a float"),
     (["train", "res_512_d", "--set", "compile_mode=fastest"], "compile_mode is default, reduce-overhead"),
     (["bench", "--set", "compile=maybe"], "compile expects a bool"),
+    (["train", "fast94", "--set", "micro_batch=abc"], "micro_batch expects an int or null, got 'abc'"),
+    (["train", "fast94", "--set", "micro_batch=2.5"], "micro_batch expects an int or null, got 2.5"),
+    (["train", "res_512_d", "--set", "dropout=abc"], "dropout expects a float or null"),
+    (["train", "fast94", "--set", 'widths=[8,"a",8]'], "widths expects a list of ints or null"),
+    (["study", "res_512", "--set", "subset=abc"], "subset expects an int or null"),
     (["frobnicate"], "invalid choice"),
     (["train", "res_512_d", "--seeds", "0"], "seeds must be at least 1"),
     (["train", "res_512_d", "--val", "-5"], "val must not be negative"),
@@ -97,6 +103,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, mess
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_settings_are_read_as_json_and_converted_to_their_fields_types():
+    config = Config()
+    parsed = parse_settings(config, ["lr=1", "widths=[8,16,16]", "mean=[0,0,1]", "dropout=null", "compile=true"])
+    assert parsed == {"lr": 1.0, "widths": (8, 16, 16), "mean": (0.0, 0.0, 1.0), "dropout": None, "compile": True}
+    assert type(parsed["lr"]) is float and type(parsed["mean"][0]) is float
+    # Each value is checked alone, so the order of --set never passes through an invalid combination.
+    assert config.replace(**parse_settings(config, ["nesterov=true", "momentum=0.9"])).nesterov
+    assert Config(widths=[8, 8, 8]).widths == (8, 8, 8)  # from Python too: a list becomes a tuple
+    with pytest.raises(UserError, match="epochs expects an int, got True"):
+        Config(epochs=True)
 
 
 def test_charts_command(tmp_path):

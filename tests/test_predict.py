@@ -126,6 +126,7 @@ class Payload:
     ({b"ids": [1, 2]}, "expected a dict with b'data'"),
     ({b"data": np.zeros((3, 3072), np.uint8), b"ids": [1, 2]}, "3 images but 2 ids"),
     ({b"data": Payload()}, "refused to load posix.system|refused to load os.system"),
+    ({b"data": np.zeros((0, 3072), np.uint8)}, "holds no images"),
 ])
 def test_malformed_pickles_are_refused_in_one_line(trained, tmp_path, content, message):
     path = write_pickle(tmp_path / "bad.pkl", content)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from common import data as cifar
+from common.charts import load_run, plot_run
 from common.config import Config, UserError
 from common.experiments import EXPERIMENTS
+from common.history import read_history, write_seeds_summary
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
                            model_from_config)
 from common.models import training_flops
@@ -296,14 +298,21 @@ def test_best_5m_style_run_with_every_augmentation(tmp_path, tiny):
     assert run.info["status"] == "complete" and all(math.isfinite(v) for v in run.history["train_loss"])
 
 
-def test_val_holds_out_images_and_tests_once_at_the_end(tmp_path, tiny):
-    run = train("res_512", out_dir=tmp_path, epochs=2, val=50, **tiny)
-    assert sorted(p.name for p in tmp_path.glob("*_history.txt")) == [
+def test_val_holds_out_images_and_tests_once_at_the_end(tmp_path, tiny, capsys):
+    folder = tmp_path / "seed0"
+    run = train("res_512", out_dir=folder, epochs=2, val=50, **tiny)
+    assert sorted(p.name for p in folder.glob("*_history.txt")) == [
         "train_acc_history.txt", "train_loss_history.txt", "val_acc_history.txt", "val_loss_history.txt"]
     assert run.info["data"]["train_images"] == 150 and run.info["data"]["val_images"] == 50
     final = run.info["final_evaluation"]
     assert final["test_images"] == 50 and not final["tta"]
     assert "final val accuracy" in run.summary() and "test accuracy" in run.summary()
+    # What reads run folders reads a --val run too: its seeds' summary, the notebook's plot...
+    assert read_history(folder) == run.history
+    assert write_seeds_summary(tmp_path)["final_test_acc"] == [final["test_acc"]]
+    assert [line.get_label() for line in plot_run(folder).axes[1].get_lines()] == ["train", "val"]
+    # ...and the tables leave it out, saying why: its per-epoch figures are not test figures.
+    assert load_run(folder, "res_512") is None and "is a --val run" in capsys.readouterr().out
 
 
 def test_val_larger_than_the_training_set_is_refused(tmp_path, tiny):

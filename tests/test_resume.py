@@ -172,6 +172,21 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_p
     assert all(torch.equal(straight[1][k], stopped[1][k]) for k in straight[1])
 
 
+def test_a_stop_during_the_final_evaluation_leaves_the_run_resumable(tmp_path, tiny, monkeypatch):
+    final_evaluation = training.final_evaluation
+
+    def stopped(run, autocast):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "final_evaluation", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train("res_512", out_dir=tmp_path, epochs=1, tta=True, **tiny)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(training, "final_evaluation", final_evaluation)
+    run = train("res_512", out_dir=tmp_path, epochs=1, tta=True, resume=True, **tiny)
+    assert run.info["status"] == "complete" and run.info["final_evaluation"]["tta"]
+    assert len(run.history["test_acc"]) == 1  # the evaluation only: no epoch trained twice
+
+
 def test_two_runs_in_two_folders_at_once_do_not_interfere(tmp_path, fake_data):
     runs = [start_cli_run(tmp_path / name, fake_data, "--epochs", "2", "--seed", "5")
             for name in ("a", "b")]
