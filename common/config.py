@@ -5,6 +5,7 @@ with keyword arguments, `--epochs` style flags, or `--set key=value`.
 """
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass
 from typing import Optional
@@ -144,8 +145,8 @@ class Config:
 
 def checked(name, annotation, value):
     """`value` converted to the type its field is annotated with (Optional[int], tuple[float, ...]
-    and so on): a list becomes a tuple, an int a float; a value of another type (a string or a
-    bool for a number, say) is refused."""
+    and so on): a list becomes a tuple, an int a float, a Path a str; a value of another type (a
+    string or a bool for a number, say) is refused."""
     kinds = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
     if value is None and type(None) in kinds:
         return None
@@ -171,6 +172,8 @@ def is_a(value, kind):
         return isinstance(value, (int, float))
     if kind is tuple:
         return isinstance(value, (tuple, list))
+    if kind is str:  # a folder given as a Path
+        return isinstance(value, (str, os.PathLike))
     return isinstance(value, kind)
 
 

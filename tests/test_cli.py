@@ -113,6 +113,7 @@ def test_settings_are_read_as_json_and_converted_to_their_fields_types():
     # Each value is checked alone, so the order of --set never passes through an invalid combination.
     assert config.replace(**parse_settings(config, ["nesterov=true", "momentum=0.9"])).nesterov
     assert Config(widths=[8, 8, 8]).widths == (8, 8, 8)  # from Python too: a list becomes a tuple
+    assert Config(data_dir=REPO / "data").data_dir == str(REPO / "data")  # and a folder's Path a str
     with pytest.raises(UserError, match="epochs expects an int, got True"):
         Config(epochs=True)
 
