@@ -194,8 +194,7 @@ def build_parser():
     p.add_argument("--modes", default=",".join(("limit", "ours", "seed-style")),
                    help="comma-separated, any of the default's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Config field for every mode alike, e.g. --set compile=true "
-                        "--set compile_mode=reduce-overhead")
+                   help="any Config field, e.g. --set compile=true --set compile_mode=reduce-overhead")
     p.add_argument("--json", help="also write the result as JSON here")
     p.add_argument("--record", action="store_true", help="keep it in results/bench/ and results/bench.md")
 

@@ -91,7 +91,7 @@ class Config:
     sync_batchnorm: bool = False  # under torchrun on GPUs: batch statistics over all ranks
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):  # frozen: set the checked values the low way
+        for field in dataclasses.fields(self):  # frozen: object.__setattr__ stores the converted value
             object.__setattr__(self, field.name, checked(field.name, field.type, getattr(self, field.name)))
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
@@ -148,14 +148,15 @@ def checked(name, annotation, value):
     and so on): a list becomes a tuple, an int a float, a Path a str; a value of another type (a
     string or a bool for a number, say) is refused."""
     kinds = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
-    if value is None and type(None) in kinds:
+    kinds = [None if k is type(None) else k for k in kinds]
+    if value is None and None in kinds:
         return None
-    kind = next(k for k in kinds if k is not type(None))
+    kind = next(k for k in kinds if k is not None)
     item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
     base = typing.get_origin(kind) or kind
     if not is_a(value, base) or (item is not None and not all(is_a(v, item) for v in value)):
-        expected = f"a list of {item.__name__}s" if item is not None else f"{article(base.__name__)} {base.__name__}"
-        raise UserError(f"{name} expects {expected}{' or null' if type(None) in kinds else ''}, got {value!r}")
+        expected = f"a list of {item.__name__}s" if item else f"{article(base.__name__)} {base.__name__}"
+        raise UserError(f"{name} expects {expected}{' or null' if None in kinds else ''}, got {value!r}")
     if item is not None:
         return tuple(item(v) for v in value)
     return base(value)

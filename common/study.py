@@ -2,8 +2,9 @@
 
 Each experiment is one `python -m common train` process writing its own folder (its output goes
 to train.log there). A complete run of the same settings is skipped, an unfinished one with a
-checkpoint resumed, any other started afresh (as `train` would, so a smoke study refuses to replace
-a full-budget run), and a failure is reported without stopping the others. One progress bar counts the epochs of them all.
+checkpoint resumed, any other started afresh (as `train` would: a smoke study refuses to replace a
+full-budget run), and a failure is reported without stopping the others. One progress bar counts
+the epochs of them all.
 SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
 that the same command resumes them all.
 """
