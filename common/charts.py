@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
-from .history import HISTORY_FILES, RunFolderError, evaluated_set, read_history, read_run_info, seed_folders
+from .history import (HISTORY_FILES, RunFolderError, evaluated_set, read_history, read_run_info,
+                      replace_atomically, seed_folders, write_atomic)
 from .summary import (SUMMARY_COLUMNS, Row, end_of_run, model_costs, recipe_changes, settings_changed,
                       summary_rows)
 
@@ -251,7 +252,7 @@ def update_readme(text, readme=README):
     if start not in content or end not in content:
         return False
     head, rest = content.split(start, 1)
-    readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    write_atomic(readme, f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
     return True
 
 
@@ -279,10 +280,9 @@ def summary_table(groups, path):
 
 
 def save(fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The figure as a PNG, replaced atomically; no version stamp: the same runs give the same file."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same runs, same file
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}))
 
 
 def make_charts(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESULTS_DIR, readme=None,

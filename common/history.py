@@ -32,6 +32,16 @@ SEEDS_FILE = "seeds.json"  # a multi-seed group's summary, beside its seed<N>/ f
 LOCK_FILE = "run.lock"
 
 
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# What open() would give a new file; mkstemp's temporary files are private (0600) until chmod-ed.
+FILE_MODE = 0o666 & ~umask()
+
+
 def replace_atomically(path, write):
     """Call write(binary file) on a temporary file beside `path`, fsync it, then rename it over
     `path`; on any failure the temporary file goes and `path` keeps its previous content (an
@@ -44,6 +54,7 @@ def replace_atomically(path, write):
         raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -114,6 +125,13 @@ def lock_holder(path):
     return pid
 
 
+def remove_run_files(folder):
+    """Delete a run's files from `folder` (history, run.json, weights, checkpoint), leaving whatever
+    else it holds (a notebook, a lock): a run starting afresh there leaves none of the last one's."""
+    for name in [*HISTORY_FILES.values(), *VALIDATION_FILES.values(), RUN_FILE, WEIGHTS_FILE, CHECKPOINT_FILE]:
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
 def write_history(folder, history):
     names = {**HISTORY_FILES, **VALIDATION_FILES}
     for key, values in history.items():
@@ -124,7 +142,7 @@ def write_run_info(folder, info):
     write_atomic(Path(folder) / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """A run folder whose files are missing or malformed."""
 
 

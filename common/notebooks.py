@@ -7,6 +7,7 @@ module writes (the tests run it).
 import json
 
 from .experiments import EXPERIMENTS, TRAINING_DIR
+from .history import write_atomic
 
 PARAMETERS = '''\
 epochs = None  # None: the experiment's own ({epochs})
@@ -127,6 +128,5 @@ def write_notebooks(check=False):
             continue
         stale.append(path)
         if not check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            write_atomic(path, text)
     return stale

@@ -29,7 +29,7 @@ from .charts import (ARCHITECTURES, BEYOND, EQUAL_EPOCHS, README, RESULTS_DIR, T
 from .config import Config
 from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
-from .history import write_atomic
+from .history import replace_atomically, write_atomic
 from .models import PARAMETER_BUDGET, model_options
 from .summary import (IMAGE_SIZE, Row, cost_cells, duration, end_of_run, meta_model, model_costs,
                       percent, published_text, settings_changed, summary_rows_by_budget)
@@ -608,12 +608,8 @@ def footer(canvas, doc):
 
 
 def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=()):
-    """The report, typeset; `invariant` fixes the creation date and file id, so the same runs give
-    the same bytes."""
-    doc = SimpleDocTemplate(str(path), pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm,
-                            topMargin=2 * cm, bottomMargin=2 * cm, invariant=1,
-                            title="Small ResNets on CIFAR-10 under five million parameters",
-                            author="python -m common report", creator="python -m common report")
+    """The report, typeset and replaced atomically; `invariant` fixes the creation date and file
+    id, so the same runs give the same bytes."""
     tables = itertools.count(1)
     story = [*title_page(headline), *question_section(), *methods_section(tables),
              *results_section(headline, smoke, figures, runs, tables),
@@ -621,7 +617,14 @@ def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=()):
              *beyond_section(headline, figures, runs, equal_epochs, checks, tables),
              *ablation_section(headline, figures, runs, tables),
              *limitations_section(headline, smoke), *reproduce_section(tables)]
-    doc.build(story, onFirstPage=footer, onLaterPages=footer)
+
+    def typeset(file):
+        doc = SimpleDocTemplate(file, pagesize=A4, leftMargin=2 * cm, rightMargin=2 * cm,
+                                topMargin=2 * cm, bottomMargin=2 * cm, invariant=1,
+                                title="Small ResNets on CIFAR-10 under five million parameters",
+                                author="python -m common report", creator="python -m common report")
+        doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    replace_atomically(path, typeset)
     return Path(path)
 
 

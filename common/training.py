@@ -31,8 +31,8 @@ from .config import Config, UserError
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
-                      final_test_acc, load_checkpoint, read_run_info, run_lock, save_tensors, write_history,
-                      write_run_info, write_seeds_summary)
+                      final_test_acc, load_checkpoint, read_run_info, remove_run_files, run_lock, save_tensors,
+                      write_history, write_run_info, write_seeds_summary)
 from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
 
@@ -354,6 +354,12 @@ class TrainingRun:
                 "rng": rng_states(self.generators), "position": dict(self.position),
                 "history": self.history, "info": self.info})
 
+    def interrupted(self, signal_number, where):
+        """The RunInterrupted to raise once the checkpoint is saved, saying how to resume."""
+        return RunInterrupted(signal_number, f"stopped by {signal.Signals(signal_number).name} {where}; "
+                              f"checkpoint saved; resume with: python -m common train {self.exp.name} "
+                              f"--out {self.folder} --resume (in a notebook: resume = True)")
+
     def restore(self, checkpoint):
         self.model.load_state_dict(checkpoint["model"])
         if self.average is not None:
@@ -381,6 +387,10 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
                    and data.variant in cifar.FULL_VARIANTS)
     if checkpoint is None:
         refuse_to_replace(folder, full_budget, overwrite)
+    elif checkpoint["info"]["data"].get("sha256", data.digest) != data.digest:
+        trained_on = checkpoint["info"]["data"]
+        raise UserError(f"{config.data_dir or 'the data folder'} holds other images than the run trained on "
+                        f"({trained_on['variant']} data in {trained_on['folder']}); resume with the same data")
     if config.subset is not None:
         data = data.select_train(cifar.stratified_subset(data.train_labels, config.subset, config.seed))
     test = (data.test_images.to(device), data.test_labels.to(device))
@@ -411,6 +421,8 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
         run.mirror = cifar.alternating_mirror(config.seed, len(data.train_labels), device)
     if checkpoint is None:
         run.info = describe_run(run, device, full_budget)
+        if cluster.is_main:
+            remove_run_files(folder)  # the previous run's, which refuse_to_replace let go
     else:
         run.restore(checkpoint)
     run.write_files()
@@ -463,21 +475,22 @@ def run_epochs(run):
                 if not finished:
                     info["status"] = "interrupted"
                     run.save_checkpoint()
-                    raise RunInterrupted(stop.signal, f"stopped by {stop.signal.name} at epoch "
-                                         f"{position['epoch'] + 1}, step {position['step']}; checkpoint "
-                                         f"saved; resume with: python -m common train {run.exp.name} "
-                                         f"--out {run.folder} --resume (in a notebook: resume = True)")
+                    raise run.interrupted(stop.signal, f"at epoch {position['epoch'] + 1}, step {position['step']}")
                 finish_epoch(run, autocast, epoch_start, session_start, progress)
-        # Inside the try: a stop or failure here leaves the run resumable (to this evaluation).
-        info["final_evaluation"] = final_evaluation(run, autocast)
+            # Under the same signals: a stop here ends the run interrupted, resumable to this point
+            # (the checkpoint of its last epoch); it is complete only once its weights are saved.
+            info["final_evaluation"] = final_evaluation(run, autocast)
+            if stop.signal is not None:
+                info["status"] = "interrupted"
+                raise run.interrupted(stop.signal, "during the end-of-run evaluation")
+            if run.cluster.is_main:
+                save_tensors(run.folder / WEIGHTS_FILE, run.eval_model.state_dict())
     except BaseException as e:
         if info["status"] == "running":
             info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         raise
     else:
         info["status"] = "complete"
-        if run.cluster.is_main:
-            save_tensors(run.folder / WEIGHTS_FILE, run.eval_model.state_dict())
     finally:
         progress.close()
         info["finished"] = now()

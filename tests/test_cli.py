@@ -105,6 +105,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, mess
     assert re.search(message, result.stderr), result.stderr
 
 
+def test_a_corrupt_run_json_in_a_seed_folder_is_one_line(tmp_path):
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "run.json").write_text("{half a fi")
+    result = cli("train", "res_512", "--seeds", "1", "--resume", "--out", tmp_path, "--data-dir",
+                 tmp_path / "empty", "--no-download")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'seed0' / 'run.json'}: not valid JSON" in result.stderr
+
+
 def test_settings_are_read_as_json_and_converted_to_their_fields_types():
     config = Config()
     parsed = parse_settings(config, ["lr=1", "widths=[8,16,16]", "mean=[0,0,1]", "dropout=null", "compile=true"])

@@ -24,6 +24,8 @@ def test_atomic_write_leaves_only_the_file(tmp_path):
     write_atomic(tmp_path / "a.txt", "two\n")
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
     assert (tmp_path / "a.txt").read_text() == "two\n"
+    (tmp_path / "b.txt").write_text("")  # the permissions any new file gets here (umask)
+    assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode  # not mkstemp's 0600
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):

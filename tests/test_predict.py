@@ -90,6 +90,16 @@ def test_ensemble_of_one_is_that_run_and_probabilities_are_written(trained, test
     assert abs(sum(float(v) for v in rows[1][1:]) - 1) < 1e-4
 
 
+def test_an_ensemble_averages_its_runs_softmax_outputs(trained, fake_data, tmp_path):
+    other = train("res_block", out_dir=tmp_path / "other", epochs=1, seed=1, data_dir=str(fake_data),
+                  download=False, device="cpu", batch_size=64)
+    batch = fake_data / "cifar-10-batches-py" / "test_batch"
+    a, b = (predict([run.folder], batch, device="cpu").probabilities for run in (trained, other))
+    assert not torch.allclose(a, b)  # two different models, so the average tells how they are combined
+    both = predict([trained.folder, other.folder], batch, device="cpu").probabilities
+    assert torch.allclose(both, (a + b) / 2, atol=1e-6)
+
+
 def test_tta_averages_views(trained, fake_data):
     batch = fake_data / "cifar-10-batches-py" / "test_batch"
     plain = predict([trained.folder], batch, device="cpu")

@@ -172,19 +172,25 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_p
     assert all(torch.equal(straight[1][k], stopped[1][k]) for k in straight[1])
 
 
-def test_a_stop_during_the_final_evaluation_leaves_the_run_resumable(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_stop_during_the_final_evaluation_leaves_the_run_resumable(tmp_path, tiny, monkeypatch, stop):
     final_evaluation = training.final_evaluation
 
     def stopped(run, autocast):
-        raise KeyboardInterrupt
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run's signal handlers are set
+        return final_evaluation(run, autocast)
     monkeypatch.setattr(training, "final_evaluation", stopped)
-    with pytest.raises(KeyboardInterrupt):
+    expected = (KeyboardInterrupt, None) if stop == "ctrl-c" else (RunInterrupted, "during the end-of-run evaluation")
+    with pytest.raises(expected[0], match=expected[1]):
         train("res_512", out_dir=tmp_path, epochs=1, tta=True, **tiny)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "model.pt").exists()  # complete only once its weights are saved
     monkeypatch.setattr(training, "final_evaluation", final_evaluation)
     run = train("res_512", out_dir=tmp_path, epochs=1, tta=True, resume=True, **tiny)
     assert run.info["status"] == "complete" and run.info["final_evaluation"]["tta"]
-    assert len(run.history["test_acc"]) == 1  # the evaluation only: no epoch trained twice
+    assert len(run.history["test_acc"]) == 1 and (tmp_path / "model.pt").is_file()  # no epoch trained twice
 
 
 def test_two_runs_in_two_folders_at_once_do_not_interfere(tmp_path, fake_data):

@@ -114,6 +114,54 @@ def test_non_finite_loss_stops_the_run_without_writing_nan(tmp_path, tiny, monke
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
 
 
+def test_a_non_finite_evaluation_loss_stops_the_run(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (float("nan"), 0.1))
+    with pytest.raises(training.TrainingError, match="evaluation loss became nan in epoch 1"):
+        train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    assert read_history(tmp_path)["test_loss"] == []
+
+
+def test_a_run_is_full_budget_only_with_all_its_epochs_no_subset_and_full_data(tmp_path, tiny, monkeypatch):
+    import dataclasses
+    from common import data
+    from common.experiments import EXPERIMENTS
+    fast94 = EXPERIMENTS["fast94"]  # made an experiment of 2 epochs of a tiny net: seconds a run
+    monkeypatch.setitem(EXPERIMENTS, "fast94", dataclasses.replace(fast94, config=fast94.config.replace(
+        epochs=2, widths=(8, 8, 8))))
+    assert train("fast94", out_dir=tmp_path / "a", **tiny).info["budget"] == "smoke"  # fake data
+    monkeypatch.setattr(data, "FULL_VARIANTS", {*data.FULL_VARIANTS, "unknown"})  # as if it were CIFAR-10
+    assert train("fast94", out_dir=tmp_path / "b", **tiny).info["budget"] == "full"
+    assert train("fast94", out_dir=tmp_path / "c", epochs=1, **tiny).info["budget"] == "smoke"
+    assert train("fast94", out_dir=tmp_path / "d", subset=100, **tiny).info["budget"] == "smoke"
+
+
+def test_a_resume_on_other_images_is_refused(tmp_path, tiny):
+    from conftest import write_fake_cifar
+    train("res_512", out_dir=tmp_path / "run", epochs=1, **tiny)
+    other = write_fake_cifar(tmp_path / "other", seed=1)
+    with pytest.raises(UserError, match="holds other images than the run trained on"):
+        train("res_512", out_dir=tmp_path / "run", epochs=1, resume=True, **{**tiny, "data_dir": str(other)})
+
+
+def test_a_fresh_start_leaves_none_of_the_last_runs_files(tmp_path, tiny):
+    train("res_512", out_dir=tmp_path, epochs=1, val=50, **tiny)
+    assert (tmp_path / "val_acc_history.txt").is_file() and (tmp_path / "model.pt").is_file()
+    run = train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    assert not list(tmp_path.glob("val_*")) and read_history(tmp_path) == run.history
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, "batch_size must be at least 1"), ({"lr": 0}, "lr must be positive"),
+    ({"micro_batch": 0}, "micro_batch must be at least 1"), ({"crop_padding": -1}, "crop_padding must not"),
+    ({"ema_decay": 1.0}, "ema_decay must be in"), ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+    ({"warmup": 1.0}, "warmup must be a fraction"), ({"lr_batch_size": 0}, "lr_batch_size must be at least 1"),
+    ({"mean": (0.5, 0.5)}, "mean and std need three values"), ({"epochs": 2.5}, "epochs expects an int"),
+])
+def test_each_config_check_refuses_its_value(overrides, message):
+    with pytest.raises(UserError, match=message):
+        Config(**overrides)
+
+
 def test_a_smoke_run_does_not_replace_a_full_run(tmp_path, tiny):
     train("res_512", out_dir=tmp_path, epochs=1, **tiny)
     info = json.loads((tmp_path / "run.json").read_text())
