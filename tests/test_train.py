@@ -192,8 +192,10 @@ def test_bad_devices(name, message):
         resolve_device(name)
 
 
-def test_auto_device_is_cpu_without_a_gpu():
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize("gpu", [False, True])
+def test_auto_device_is_the_gpu_where_there_is_one_else_the_cpu(gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert resolve_device("auto") == torch.device("cuda" if gpu else "cpu")
 
 
 @pytest.mark.parametrize("overrides, message", [
