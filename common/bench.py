@@ -10,7 +10,7 @@ median of several repeats:
   official pickles with plain `pickle` and refuses the offline copy, so the same per-image work is
   done here on the arrays our safe reader returns.
 Plus the model's training FLOPs per image (torch.utils.flop_counter) and a dense matrix-multiply
-rate on the same device, as a ceiling for reference.
+rate on the same device, for reference (not a bound: convolutions can beat it per FLOP).
 """
 import json
 import re
@@ -142,7 +142,7 @@ def measure_seed_style(config, device, data, steps, repeats):
 
 
 def matmul_flops_per_second(device, repeats=5):
-    """A dense square matrix multiply (fp32 on CPU, bf16 on GPU): a ceiling to read the rest by."""
+    """A dense square matrix multiply (fp32 on CPU, bf16 on GPU): a rate to read the rest by."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up

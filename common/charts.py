@@ -231,7 +231,7 @@ def results_markdown(groups, checks):
                      "of the code, not results):")
         parts.append(markdown_table(
             ["check", "experiment", "changed settings", "epochs", "data", "device", "seed",
-             "training images/s", "test %", "end-of-run test %"],
+             "training images/s (last epoch)", "test %", "end-of-run test %"],
             [check_cells(name, run) for name, run in checks]))
     return "\n\n".join(parts)
 

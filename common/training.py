@@ -474,6 +474,8 @@ def run_epochs(run):
                 position["seconds"] = time.perf_counter() - epoch_start
                 if not finished:
                     info["status"] = "interrupted"
+                    # The partial epoch's time too: a resume counts on from the checkpoint's wall time.
+                    info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
                     run.save_checkpoint()
                     raise run.interrupted(stop.signal, f"at epoch {position['epoch'] + 1}, step {position['step']}")
                 finish_epoch(run, autocast, epoch_start, session_start, progress)

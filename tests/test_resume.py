@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -65,6 +66,26 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypat
     assert straight[0] == resumed[0]
     assert straight[1].keys() == resumed[1].keys()
     assert all(torch.equal(straight[1][k], resumed[1][k]) for k in straight[1])
+
+
+def test_a_stop_mid_epoch_keeps_the_partial_epoch_in_the_wall_time_a_resume_counts_on_from(tmp_path, tiny, monkeypatch):
+    augment = cifar.augment
+
+    def slow_then_stop(*args, **kwargs):  # steps 5 and 6 of 4 an epoch: a second, then SIGINT
+        slow_then_stop.calls += 1
+        if slow_then_stop.calls == 5:
+            time.sleep(1.0)
+        if slow_then_stop.calls == 6:
+            signal.raise_signal(signal.SIGINT)
+        return augment(*args, **kwargs)
+    slow_then_stop.calls = 0
+    monkeypatch.setattr(cifar, "augment", slow_then_stop)
+    with pytest.raises(RunInterrupted):
+        train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    saved = load_checkpoint(tmp_path)
+    partial = saved["position"]["seconds"]
+    assert partial >= 1.0
+    assert saved["info"]["wall_seconds"] >= sum(saved["info"]["epoch_seconds"]) + partial
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
