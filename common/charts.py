@@ -62,10 +62,17 @@ class RunRecord:
         return f"{done}/{planned} ep" if done < planned else f"{done} ep"
 
     @property
+    def uncommitted(self):
+        """Whether the code it ran (at its start or a resume) had uncommitted changes."""
+        gits = [self.info.get("git") or {}] + [resume.get("git") or {} for resume in self.info.get("resumed", [])]
+        return any(git.get("dirty") for git in gits)
+
+    @property
     def provenance(self):
-        """e.g. 'exact-offline, 200 ep, seed 0, H100 80GB HBM3', with ', SMOKE' for a smoke run."""
+        """e.g. 'exact-offline, 200 ep, seed 0, H100 80GB HBM3', with ', SMOKE' for a smoke run and
+        ', uncommitted code' for a run of code with uncommitted changes."""
         text = f"{self.variant}, {self.epochs}, seed {self.info.get('seed', '?')}, {self.device}"
-        return text + (", SMOKE" if self.smoke else "")
+        return text + (", SMOKE" if self.smoke else "") + (", uncommitted code" if self.uncommitted else "")
 
 
 def load_run(folder, name):
@@ -239,7 +246,8 @@ def results_markdown(groups, checks):
 def check_cells(name, run):
     row = Row(run.name, "check", [run])
     rates = run.info.get("train_images_per_second")
-    return [name, run.name, settings_changed(row) or "none", run.epochs, run.variant, run.device,
+    return [name + (" (uncommitted code)" if run.uncommitted else ""), run.name,
+            settings_changed(row) or "none", run.epochs, run.variant, run.device,
             run.info.get("seed", "?"), f"{rates[-1]:,.0f}" if rates else "-",
             f"{100 * run.history['test_acc'][-1]:.2f}", end_of_run(row)]
 

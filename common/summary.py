@@ -146,10 +146,12 @@ class Row:
 
     @property
     def provenance(self):
-        """e.g. 'exact-offline, 200 ep, seeds 0, 1, 2, H100 80GB HBM3', with ', SMOKE' for smoke runs."""
+        """e.g. 'exact-offline, 200 ep, seeds 0, 1, 2, H100 80GB HBM3', with ', SMOKE' for smoke runs
+        and ', uncommitted code' where a run's code had uncommitted changes."""
         seeds = "seeds" if len(self.runs) > 1 else "seed"
         text = f"{self.data}, {self.epochs}, {seeds} {self.seeds}, {self.device}"
-        return text + (", SMOKE" if self.budget == "smoke" else "")
+        return (text + (", SMOKE" if self.budget == "smoke" else "")
+                + (", uncommitted code" if any(run.uncommitted for run in self.runs) else ""))
 
 
 PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}  # not recipe changes

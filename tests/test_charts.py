@@ -101,10 +101,16 @@ def test_readme_results_hold_full_runs_and_labelled_checks(tmp_path):
     info = json.loads((check / "run.json").read_text())
     (check / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d",
                                                 "train_images_per_second": [480.4]}))
+    dirty = tmp_path / "checks" / "cpu-dirty"
+    fake_run(dirty, [0.42], budget="smoke")
+    info = json.loads((dirty / "run.json").read_text())
+    (dirty / "run.json").write_text(json.dumps({**info, "experiment": "res_512_d", "git": {"dirty": False},
+                                                "resumed": [{"git": {"dirty": True}}]}))
     text = results_markdown(collect_groups(tmp_path / "training"), collect_checks(tmp_path / "checks"))
     assert "| res_512 | 4,961,610 | 2/200 ep | exact-offline | H100 80GB HBM3 | 0 | 90.00 | 90.00 | 86.12/86.07 | - | - |" in text
     assert "res_block" not in text  # a smoke run is no result
     assert "| cpu-1-epoch | res_512_d | none | 1/200 ep | exact-offline | H100 80GB HBM3 | 0 | 480 | 41.00 | - |" in text
+    assert "| cpu-dirty (uncommitted code) | res_512_d |" in text  # resumed on code with uncommitted changes
 
 
 def test_equal_epochs_pairs_the_fast94_run_that_shares_the_check_s_data_and_device(tmp_path):
