@@ -202,7 +202,8 @@ def equal_epochs_chart(shown, path):
 def plot_accuracy(ax, history):
     epochs = range(1, len(history["train_acc"]) + 1)
     ax.plot(epochs, [100 * v for v in history["train_acc"]], label="train")
-    ax.plot(epochs, [100 * v for v in history[f"{evaluated_set(history)}_acc"]], label=evaluated_set(history))
+    evaluated = evaluated_set(history)
+    ax.plot(epochs, [100 * v for v in history[f"{evaluated}_acc"]], label=evaluated)
     ax.set(xlabel="epoch", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
 
@@ -335,7 +336,8 @@ def plot_run(folder):
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = range(1, len(history["train_loss"]) + 1)
     loss_ax.plot(epochs, history["train_loss"], label="train")
-    loss_ax.plot(epochs, history[f"{evaluated_set(history)}_loss"], label=evaluated_set(history))
+    evaluated = evaluated_set(history)
+    loss_ax.plot(epochs, history[f"{evaluated}_loss"], label=evaluated)
     loss_ax.set(xlabel="epoch", ylabel="loss")
     loss_ax.grid(alpha=0.3)
     plot_accuracy(acc_ax, history)
