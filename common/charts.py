@@ -4,7 +4,7 @@ shown as "not run", never invented. Every label carries where its numbers came f
 Chart files are drawn on bare `Figure`s, so making them never touches pyplot's backend or state
 (a notebook keeps its inline plots); `plot_run` is the one pyplot figure, meant for display.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -37,6 +37,7 @@ class RunRecord:
     name: str
     history: dict
     info: dict
+    same_run_as: str = None  # the experiment whose folder holds it, when lent to a twin (share_twin_runs)
 
     @property
     def variant(self):
@@ -72,7 +73,8 @@ class RunRecord:
         """e.g. 'exact-offline, 200 ep, seed 0, H100 80GB HBM3', with ', SMOKE' for a smoke run and
         ', uncommitted code' for a run of code with uncommitted changes."""
         text = f"{self.variant}, {self.epochs}, seed {self.info.get('seed', '?')}, {self.device}"
-        return text + (", SMOKE" if self.smoke else "") + (", uncommitted code" if self.uncommitted else "")
+        return (text + (", SMOKE" if self.smoke else "") + (", uncommitted code" if self.uncommitted else "")
+                + (f", same run as {self.same_run_as}" if self.same_run_as else ""))
 
 
 def load_run(folder, name):
@@ -101,7 +103,25 @@ def collect_groups(training_dir=TRAINING_DIR):
         folder = Path(training_dir) / name
         runs = [load_run(f, name) for f in seed_folders(folder)] or [load_run(folder, name)]
         groups[name] = [run for run in runs if run is not None]
-    return groups
+    return share_twin_runs(groups)
+
+
+def share_twin_runs(groups):
+    """An experiment without a full-budget run of its own takes those of its twin, an experiment
+    with the very same settings (the original study trained changing_optimisers/sgd exactly as
+    changing_activations/relu), where the twin's runs recorded no change to them; every label
+    then says "same run as <twin>"."""
+    shared = dict(groups)
+    for name, runs in groups.items():
+        if any(not run.smoke for run in runs):
+            continue
+        for twin, twin_runs in groups.items():
+            lent = [replace(run, name=name, same_run_as=twin) for run in twin_runs if not run.smoke]
+            if (twin != name and lent and EXPERIMENTS[twin].config == EXPERIMENTS[name].config
+                    and not recipe_changes(Row(name, "full", lent))):
+                shared[name] = runs + lent
+                break
+    return shared
 
 
 def representative_runs(groups):

@@ -127,7 +127,8 @@ CSV_COLUMNS = ["experiment", "budget", "architecture", "trainable_parameters", "
                "epochs", "optimiser", "activation", "data", "device", "seeds",
                "best_test_pct", "best_test_pct_std", "final_test_pct", "final_test_pct_std",
                "wall_seconds_per_run", "original_best_pct", "original_final_pct",
-               "end_of_run_test_pct", "end_of_run_test_pct_std", "end_of_run_tta", "training_pflops_per_run"]
+               "end_of_run_test_pct", "end_of_run_test_pct_std", "end_of_run_tta", "training_pflops_per_run",
+               "same_run_as"]
 
 
 def csv_values(row):
@@ -136,7 +137,8 @@ def csv_values(row):
             row.epochs, row.setting("optimizer"), row.activation, row.data, row.device, row.seeds,
             *map(number, [*(row.best or (None, None)), *(row.final or (None, None)), row.wall_seconds,
                           *published[:2], *(row.final_evaluation or (None, None))]),
-            "yes" if row.tta else "", "" if row.training_pflops is None else f"{row.training_pflops:.4f}"]
+            "yes" if row.tta else "", "" if row.training_pflops is None else f"{row.training_pflops:.4f}",
+            row.same_run_as or ""]
 
 
 def summary_csv(rows):
@@ -153,7 +155,7 @@ MARKDOWN_COLUMNS = ["experiment", "architecture", "trainable params", "multiply-
 
 
 def markdown_values(row):
-    return [row.experiment, row.setting("architecture"), *cost_cells(row.parameters, row.multiply_adds),
+    return [row.label, row.setting("architecture"), *cost_cells(row.parameters, row.multiply_adds),
             row.epochs, row.setting("optimizer"), row.activation,
             row.data, row.device, row.seeds, percent(row.best), percent(row.final), end_of_run(row),
             duration(row.wall_seconds), published_text(EXPERIMENTS[row.experiment])]
@@ -369,7 +371,7 @@ RESULT_COLUMNS = ["experiment", "epochs", "data", "device", "seeds", "best test 
 
 
 def result_values(row):
-    return [row.experiment, row.epochs, row.data, row.device, row.seeds, percent(row.best),
+    return [row.label, row.epochs, row.data, row.device, row.seeds, percent(row.best),
             percent(row.final), end_of_run(row), duration(row.wall_seconds),
             published_text(EXPERIMENTS[row.experiment])]
 
@@ -639,8 +641,8 @@ def build_report(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESUL
     runs = representative_runs(groups)
     headline, smoke = summary_rows_by_budget(groups)
     paths = make_charts(training_dir, top_dir, results_dir, readme, groups=groups)
-    paths.append(accuracy_vs_params_chart([row for row in headline + smoke if row.runs],
-                                          results_dir / "accuracy_vs_params.png"))
+    drawn = [row for row in headline + smoke if row.runs and not row.same_run_as]  # a twin's: a second point
+    paths.append(accuracy_vs_params_chart(drawn, results_dir / "accuracy_vs_params.png"))
     for name, text in [("summary.csv", summary_csv(headline + smoke)),
                        ("summary.md", summary_markdown(headline, smoke))]:
         write_atomic(results_dir / name, text)

@@ -70,6 +70,16 @@ class Row:
     def config(self):
         return EXPERIMENTS[self.experiment].config
 
+    @property
+    def same_run_as(self):
+        """The twin experiment whose runs these are (charts.share_twin_runs), or None."""
+        return next((run.same_run_as for run in self.runs if run.same_run_as), None)
+
+    @property
+    def label(self):
+        """The experiment's name, saying so where its runs are its twin's."""
+        return self.experiment + (f" (same run as {self.same_run_as})" if self.same_run_as else "")
+
     def from_runs(self, value, default):
         """The distinct values of value(run) over the runs, joined; `default` when there is no run."""
         return "; ".join(dict.fromkeys(str(value(run)) for run in self.runs)) or str(default)
@@ -151,7 +161,8 @@ class Row:
         seeds = "seeds" if len(self.runs) > 1 else "seed"
         text = f"{self.data}, {self.epochs}, {seeds} {self.seeds}, {self.device}"
         return (text + (", SMOKE" if self.budget == "smoke" else "")
-                + (", uncommitted code" if any(run.uncommitted for run in self.runs) else ""))
+                + (", uncommitted code" if any(run.uncommitted for run in self.runs) else "")
+                + (f", same run as {self.same_run_as}" if self.same_run_as else ""))
 
 
 PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}  # not recipe changes
@@ -206,7 +217,7 @@ def summary_rows(groups):
     for name, exp in EXPERIMENTS.items():
         row = headline_row(name, groups.get(name) or [])
         epochs = {"full": row.epochs, "smoke": f"{row.epochs} smoke"}.get(row.budget, "not run")
-        rows.append([name, f"{row.parameters:,}", epochs, row.data, row.device, row.seeds,
+        rows.append([row.label, f"{row.parameters:,}", epochs, row.data, row.device, row.seeds,
                      percent(row.best), percent(row.final), published_text(exp), end_of_run(row),
                      duration(row.wall_seconds)])
     return rows

@@ -63,6 +63,27 @@ def test_a_run_resumed_on_another_device_names_both(tmp_path):
     assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: AMD EPYC, 2 threads"
 
 
+def test_an_experiment_without_a_run_shows_its_twins_unchanged_run_labelled_as_such(tmp_path):
+    fake_run(tmp_path / "changing_activations/relu", [0.5, 0.84])  # the same settings as sgd's
+    fake_run(tmp_path / "changing_activations/gelu", [0.6])  # other settings: lent to no one
+    groups = collect_groups(tmp_path)
+    assert [run.same_run_as for run in groups["changing_optimisers/sgd"]] == ["changing_activations/relu"]
+    assert groups["changing_optimisers/adam"] == [] and groups["changing_activations/relu"][0].same_run_as is None
+    rows = {row[0]: row for row in summary_rows(groups)}
+    assert rows["changing_optimisers/sgd (same run as changing_activations/relu)"][6:8] == ["84.00", "84.00"]
+    assert "same run as changing_activations/relu" in groups["changing_optimisers/sgd"][0].provenance
+    fig = summary_table(groups, tmp_path / "model_summary.png")
+    for cell in fig.axes[0].tables[0].get_celld().values():
+        assert cell.get_text().get_window_extent().width < cell.get_window_extent().width, cell.get_text()
+
+    info = json.loads((tmp_path / "changing_activations/relu/run.json").read_text())
+    write_run_info(tmp_path / "changing_activations/relu", {**info, "config": {"lr": 0.05}})
+    assert collect_groups(tmp_path)["changing_optimisers/sgd"] == []  # a changed recipe is not the twin's
+    write_run_info(tmp_path / "changing_activations/relu", info)
+    fake_run(tmp_path / "changing_optimisers/sgd", [0.7])
+    assert [run.same_run_as for run in collect_groups(tmp_path)["changing_optimisers/sgd"]] == [None]
+
+
 def test_model_summary_cells_hold_their_whole_text(tmp_path):
     training = tmp_path / "training"
     folder = training / "changing_activations/leakyrelu"  # the longest name, on a full row
