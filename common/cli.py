@@ -95,7 +95,7 @@ def cmd_bench(args):
 
 def cmd_study(args):
     from .models import meta_model
-    from .study import COMPLETE, SKIPPED, study
+    from .study import finished, study
     from .training import resolve_device
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
     if not names:
@@ -117,7 +117,7 @@ def cmd_study(args):
     extra += ["--no-download"] * args.no_download + [v for text in args.set for v in ("--set", text)]
     outcomes = study(configs, parallel=args.parallel, devices=devices, extra_args=extra,
                      out_root=args.out_root)
-    unfinished = [name for name, outcome in outcomes.items() if outcome not in (COMPLETE, SKIPPED)]
+    unfinished = [name for name, outcome in outcomes.items() if not finished(outcome)]
     if unfinished:
         raise UserError(f"{len(unfinished)} of {len(names)} experiment(s) did not complete: "
                         f"{', '.join(unfinished)} (each one's outcome is above)")

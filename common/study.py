@@ -3,8 +3,10 @@
 Each experiment is one `python -m common train` process writing its own folder (its output goes
 to train.log there). A complete run of the same settings is skipped, an unfinished one with a
 checkpoint resumed, any other started afresh (as `train` would: a smoke study refuses to replace a
-full-budget run), and a failure is reported without stopping the others. One progress bar counts
-the epochs of them all.
+full-budget run), and a failure is reported without stopping the others. An experiment whose
+registry settings equal an earlier one's in the same study (changing_optimisers/sgd's are
+changing_activations/relu's) is skipped when both are asked unchanged: the tables show that run
+for both. One progress bar counts the epochs of them all.
 SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
 that the same command resumes them all.
 """
@@ -19,12 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .experiments import REPO_ROOT, TRAINING_DIR
+from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import CHECKPOINT_FILE, RunFolderError, read_run_info
 from .training import RunInterrupted, StopSignals, differing_settings
 
 LOG_FILE = "train.log"
-COMPLETE, SKIPPED = "complete", "skipped (complete)"  # the outcomes of a run that needs nothing more
+COMPLETE, SKIPPED = "complete", "skipped"
 
 
 def read_status(folder):
@@ -44,14 +46,17 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
     for name, config in configs.items():
         folder = root / name
         status = read_status(folder)
-        if status.get("status") == "complete":
-            if not differing_settings(status.get("config", {}), config):
-                outcomes[name] = SKIPPED
-                continue
-            resume = False
+        complete = status.get("status") == "complete"
+        resume = not complete and (folder / CHECKPOINT_FILE).is_file()
+        twin = None if resume else twin_in_study(name, configs)
+        if complete and not differing_settings(status.get("config", {}), config):
+            outcomes[name] = f"{SKIPPED} (complete)"
+        elif twin:
+            outcomes[name] = f"{SKIPPED} ({twin} has the same settings: its run stands for both)"
         else:
-            resume = (folder / CHECKPOINT_FILE).is_file()
-        queue.append((name, folder, config.epochs, resume))
+            queue.append((name, folder, config.epochs, resume))
+        if name in outcomes:
+            tqdm.write(f"{name}: {outcomes[name]}")
     slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
     running = {}  # device slot index -> (name, folder, process)
     # Epochs resumed runs already did count as done, not as done in this session's first second.
@@ -89,6 +94,22 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
         raise RunInterrupted(stop.signal, f"study stopped by {stop.signal.name}; the same command "
                                           "resumes every unfinished run")
     return outcomes
+
+
+def twin_in_study(name, configs):
+    """The experiment before `name` in this study whose run stands for `name`'s in the tables
+    (charts.share_twin_runs): the same registry settings, both asked unchanged; or None."""
+    registry = EXPERIMENTS[name].config
+    if differing_settings(registry.to_dict(), configs[name]):
+        return None
+    earlier = itertools.takewhile(lambda other: other != name, configs)
+    return next((other for other in earlier
+                 if EXPERIMENTS[other].config == registry and configs[other] == configs[name]), None)
+
+
+def finished(outcome):
+    """Whether a run's outcome needs nothing more: complete, or skipped."""
+    return outcome == COMPLETE or outcome.startswith(SKIPPED)
 
 
 def launch(name, folder, device, extra_args, resume):

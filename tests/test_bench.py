@@ -92,6 +92,23 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     assert "2 of 2 experiment(s) did not complete: res_512, res_block" in broken.stderr
 
 
+def test_study_skips_an_experiment_whose_twin_earlier_in_it_runs_the_same_settings(tmp_path):
+    from common.experiments import EXPERIMENTS
+    from common.study import finished, study, twin_in_study
+    relu, sgd = "changing_activations/relu", "changing_optimisers/sgd"
+    configs = {name: EXPERIMENTS[name].config for name in (relu, sgd)}
+    assert twin_in_study(sgd, configs) == relu and twin_in_study(relu, configs) is None
+    assert twin_in_study(sgd, {name: config.replace(epochs=1) for name, config in configs.items()}) is None
+    assert twin_in_study(sgd, {sgd: configs[sgd]}) is None
+    (tmp_path / relu).mkdir(parents=True)  # relu complete: nothing to launch
+    (tmp_path / relu / "run.json").write_text(json.dumps(
+        {"status": "complete", "config": json.loads(json.dumps(configs[relu].to_dict()))}))
+    outcomes = study(configs, out_root=tmp_path)
+    assert outcomes == {relu: "skipped (complete)",
+                        sgd: f"skipped ({relu} has the same settings: its run stands for both)"}
+    assert all(map(finished, outcomes.values())) and not (tmp_path / sgd).exists()
+
+
 def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake_data):
     args = ["study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "1",
             "--batch-size", "64", "--data-dir", fake_data, "--no-download"]
