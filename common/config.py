@@ -179,6 +179,7 @@ def is_a(value, kind):
 
 
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+NULLABLE = {name for name, kind in FIELD_TYPES.items() if type(None) in typing.get_args(kind)}
 
 
 def parse_settings(config, texts):

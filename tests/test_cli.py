@@ -30,10 +30,12 @@ def test_list_shows_every_experiment_with_its_parameters():
 def test_train_writes_the_run_folder(tmp_path, fake_data):
     result = cli("train", "changing_optimisers/adagrad", "--epochs", "1", "--subset", "50",
                  "--data-dir", fake_data, "--out", tmp_path, "--device", "cpu", "--no-download",
-                 "--batch-size", "32", "--set", "lr=0.05")
+                 "--batch-size", "32", "--set", "lr=0.05", "--set", "activation=null")
     assert result.returncode == 0, result.stderr
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["config"]["optimizer"] == "adagrad" and info["config"]["lr"] == 0.05
+    # null restores the architecture's own activation over the experiment's ReLU
+    assert info["config"]["activation"] is None and info["model"]["activation"] == "leakyrelu"
     assert info["data"]["train_images"] == 50
     assert "final test accuracy" in result.stdout
 
