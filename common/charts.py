@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
+from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
 from .history import (HISTORY_FILES, RunFolderError, evaluated_set, read_history, read_run_info,
                       replace_atomically, seed_folders, write_atomic)
 from .summary import (SUMMARY_COLUMNS, Row, end_of_run, model_costs, recipe_changes, settings_changed,
@@ -115,10 +115,9 @@ def share_twin_runs(groups):
     for name, runs in groups.items():
         if any(not run.smoke for run in runs):
             continue
-        for twin, twin_runs in groups.items():
-            lent = [replace(run, name=name, same_run_as=twin) for run in twin_runs if not run.smoke]
-            if (twin != name and lent and EXPERIMENTS[twin].config == EXPERIMENTS[name].config
-                    and not recipe_changes(Row(name, "full", lent))):
+        for twin in twins(name):
+            lent = [replace(run, name=name, same_run_as=twin) for run in groups.get(twin, []) if not run.smoke]
+            if lent and not recipe_changes(Row(name, "full", lent)):
                 shared[name] = runs + lent
                 break
     return shared

@@ -8,7 +8,7 @@ import json
 import sys
 
 from .config import UserError, parse_settings
-from .experiments import EXPERIMENTS, SEED_STUDY, get_experiment
+from .experiments import EXPERIMENTS, SEED_STUDY, get_experiment, twins
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,8 +32,11 @@ def cmd_list(args):
     for name, exp in EXPERIMENTS.items():
         c = exp.config
         activation = model_options(c)["activation"]
+        state = experiment_state(exp.folder)
+        if state == "-" and twins(name):  # the tables show the twin's run for it
+            state += f" (same settings as {', '.join(twins(name))})"
         print(f"{name:32} {c.architecture:12} {activation:10} {c.optimizer:9} {c.epochs:>6} "
-              f"{count_parameters(model_from_config(c)):>16,}  {experiment_state(exp.folder)}")
+              f"{count_parameters(model_from_config(c)):>16,}  {state}")
 
 
 def cmd_train(args):

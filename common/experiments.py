@@ -108,6 +108,13 @@ SEED_STUDY = [e.name for e in _SEED_STUDY]  # the original study's fourteen expe
 EXPERIMENTS = {e.name: e for e in (*_SEED_STUDY, *_BEYOND)}
 
 
+def twins(name):
+    """The other experiments with exactly `name`'s settings: the original study trained
+    changing_optimisers/sgd as changing_activations/relu, so one run stands for both."""
+    config = EXPERIMENTS[name].config
+    return [other for other, exp in EXPERIMENTS.items() if other != name and exp.config == config]
+
+
 def get_experiment(name):
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; `python -m common list` shows them all")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
+from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
 from .history import CHECKPOINT_FILE, RunFolderError, read_run_info
 from .training import RunInterrupted, StopSignals, differing_settings
 
@@ -99,12 +99,10 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
 def twin_in_study(name, configs):
     """The experiment before `name` in this study whose run stands for `name`'s in the tables
     (charts.share_twin_runs): the same registry settings, both asked unchanged; or None."""
-    registry = EXPERIMENTS[name].config
-    if differing_settings(registry.to_dict(), configs[name]):
+    if differing_settings(EXPERIMENTS[name].config.to_dict(), configs[name]):
         return None
     earlier = itertools.takewhile(lambda other: other != name, configs)
-    return next((other for other in earlier
-                 if EXPERIMENTS[other].config == registry and configs[other] == configs[name]), None)
+    return next((other for other in earlier if other in twins(name) and configs[other] == configs[name]), None)
 
 
 def finished(outcome):

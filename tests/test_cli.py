@@ -27,6 +27,13 @@ def test_list_shows_every_experiment_with_its_parameters():
     assert lines[0].endswith("run in its folder")  # each row's state: history.experiment_state
 
 
+def test_the_only_twins_in_the_registry_are_the_original_studys_relu_and_sgd():
+    from common.experiments import twins
+    relu, sgd = "changing_activations/relu", "changing_optimisers/sgd"
+    assert twins(sgd) == [relu] and twins(relu) == [sgd]
+    assert not any(twins(name) for name in EXPERIMENTS if name not in (relu, sgd))
+
+
 def test_train_writes_the_run_folder(tmp_path, fake_data):
     result = cli("train", "changing_optimisers/adagrad", "--epochs", "1", "--subset", "50",
                  "--data-dir", fake_data, "--out", tmp_path, "--device", "cpu", "--no-download",
