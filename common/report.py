@@ -31,8 +31,8 @@ from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
 from .history import replace_atomically, write_atomic
 from .models import PARAMETER_BUDGET, model_options
-from .summary import (IMAGE_SIZE, Row, cost_cells, duration, end_of_run, meta_model, model_costs,
-                      percent, published_text, settings_changed, summary_rows_by_budget)
+from .summary import (IMAGE_SIZE, Row, cost_cells, end_of_run, meta_model, model_costs, percent,
+                      published_text, settings_changed, summary_rows_by_budget, wall_time)
 
 REPORT_FILE = "Project Report.pdf"
 
@@ -158,7 +158,7 @@ def markdown_values(row):
     return [row.label, row.setting("architecture"), *cost_cells(row.parameters, row.multiply_adds),
             row.epochs, row.setting("optimizer"), row.activation,
             row.data, row.device, row.seeds, percent(row.best), percent(row.final), end_of_run(row),
-            duration(row.wall_seconds), published_text(EXPERIMENTS[row.experiment])]
+            wall_time(row), published_text(EXPERIMENTS[row.experiment])]
 
 
 def summary_markdown(headline, smoke):
@@ -168,8 +168,9 @@ def summary_markdown(headline, smoke):
         "group: its `seed<N>/` subfolders, shown as mean ± standard deviation over seeds). Best test % "
         "is the highest test accuracy of any epoch, final test % the last epoch's, end-of-run test % "
         "the one evaluation after training where a run makes one (with test-time augmentation, TTA); "
-        "original study % is the best/final test accuracy the original study published. Runs with "
-        "--val (tuning runs, evaluated on held-out training images each epoch) are left out.",
+        "original study % is the best/final test accuracy the original study published; wall time "
+        "is the sum of a run's stretches where it was stopped and resumed (\"in N stretches\"). Runs "
+        "with --val (tuning runs, evaluated on held-out training images each epoch) are left out.",
         "## Results: full-budget runs, one row per experiment",
         markdown_table(MARKDOWN_COLUMNS, [markdown_values(row) for row in headline]),
         "## Smoke runs (reduced budgets: checks of the code, not results)",
@@ -372,7 +373,7 @@ RESULT_COLUMNS = ["experiment", "epochs", "data", "device", "seeds", "best test 
 
 def result_values(row):
     return [row.label, row.epochs, row.data, row.device, row.seeds, percent(row.best),
-            percent(row.final), end_of_run(row), duration(row.wall_seconds),
+            percent(row.final), end_of_run(row), wall_time(row),
             published_text(EXPERIMENTS[row.experiment])]
 
 
@@ -453,7 +454,7 @@ def check_rows(checks, experiments):
         row = Row(folder_runs[0].name, "check", folder_runs)
         pflops = "-" if row.training_pflops is None else f"{row.training_pflops:.3f}"
         rows.append([folder, row.experiment, settings_changed(row) or "none", percent(row.final),
-                     end_of_run(row), pflops, duration(row.wall_seconds), row.provenance])
+                     end_of_run(row), pflops, wall_time(row), row.provenance])
     return rows
 
 
@@ -472,7 +473,7 @@ def beyond_section(headline, figures, runs, equal_epochs, checks, tables):
                 verdict = f"{'reached' if reached >= target else 'not reached'} ({figure})"
         pflops = "-" if row.training_pflops is None else f"{row.training_pflops:.3f}"
         rows.append([name, f"≥ {target:.1f}% in ≤ {epochs} epochs, mean of {seeds} seeds", *ours(row)[:2],
-                     end_of_run(row), pflops, duration(row.wall_seconds), verdict, ours(row)[2]])
+                     end_of_run(row), pflops, wall_time(row), verdict, ours(row)[2]])
     return [
         para("5. Beyond the original study", "h1"),
         para("The original study's networks shrink the image fourfold before the first residual block "
@@ -566,7 +567,9 @@ def limitations_section(headline, smoke):
     items += ["On CUDA, cuDNN autotuning makes runs close but not bit-identical; CPU runs with the same "
               "seed are identical.",
               "Wall times depend on the device named beside them; the original study's were measured on "
-              "another GPU, so they are not compared."]
+              "another GPU, so they are not compared. A run stopped and resumed shows the sum of its "
+              "stretches (\"in N stretches\"), each timed on whatever else its machine ran then: "
+              "not the time it needs alone."]
     return [para("7. Limitations", "h1"), *bullets(items)]
 
 

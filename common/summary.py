@@ -36,6 +36,15 @@ def duration(seconds):
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def wall_time(row):
+    """The row's mean wall time per run, '(in N stretches)' where a run was stopped and resumed:
+    the sum of its stretches, each on whatever else the machine ran then."""
+    stretches = max((1 + len(run.info.get("resumed", [])) for run in row.runs), default=1)
+    if row.wall_seconds is None or stretches == 1:
+        return duration(row.wall_seconds)
+    return f"{duration(row.wall_seconds)} (in {stretches} stretches)"
+
+
 def published_text(exp):
     """The original study's best/final test % of an experiment, e.g. '86.67/86.55', or '-'."""
     return "/".join(f"{v:.2f}" for v in exp.published) if exp.published else "-"
@@ -219,5 +228,5 @@ def summary_rows(groups):
         epochs = {"full": row.epochs, "smoke": f"{row.epochs} smoke"}.get(row.budget, "not run")
         rows.append([row.label, f"{row.parameters:,}", epochs, row.data, row.device, row.seeds,
                      percent(row.best), percent(row.final), published_text(exp), end_of_run(row),
-                     duration(row.wall_seconds)])
+                     wall_time(row)])
     return rows
