@@ -169,7 +169,7 @@ def summary_markdown(headline, smoke):
         "is the highest test accuracy of any epoch, final test % the last epoch's, end-of-run test % "
         "the one evaluation after training where a run makes one (with test-time augmentation, TTA); "
         "original study % is the best/final test accuracy the original study published; wall time "
-        "is the sum of a run's stretches where it was stopped and resumed (\"in N stretches\"). Runs "
+        "is the sum of a run's parts where it was stopped and resumed (\"in N parts\"). Runs "
         "with --val (tuning runs, evaluated on held-out training images each epoch) are left out.",
         "## Results: full-budget runs, one row per experiment",
         markdown_table(MARKDOWN_COLUMNS, [markdown_values(row) for row in headline]),
@@ -568,7 +568,7 @@ def limitations_section(headline, smoke):
               "seed are identical.",
               "Wall times depend on the device named beside them; the original study's were measured on "
               "another GPU, so they are not compared. A run stopped and resumed shows the sum of its "
-              "stretches (\"in N stretches\"), each timed on whatever else its machine ran then: "
+              "parts (\"in N parts\"), each timed on whatever else its machine ran then: "
               "not the time it needs alone."]
     return [para("7. Limitations", "h1"), *bullets(items)]
 

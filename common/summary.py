@@ -37,12 +37,12 @@ def duration(seconds):
 
 
 def wall_time(row):
-    """The row's mean wall time per run, '(in N stretches)' where a run was stopped and resumed:
-    the sum of its stretches, each on whatever else the machine ran then."""
-    stretches = max((1 + len(run.info.get("resumed", [])) for run in row.runs), default=1)
-    if row.wall_seconds is None or stretches == 1:
+    """The row's mean wall time per run, '(in N parts)' where a run was stopped and resumed:
+    the sum of its parts, each on whatever else the machine ran then."""
+    parts = max((1 + len(run.info.get("resumed", [])) for run in row.runs), default=1)
+    if row.wall_seconds is None or parts == 1:
         return duration(row.wall_seconds)
-    return f"{duration(row.wall_seconds)} (in {stretches} stretches)"
+    return f"{duration(row.wall_seconds)} (in {parts} parts)"
 
 
 def published_text(exp):

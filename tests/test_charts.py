@@ -61,7 +61,7 @@ def test_a_run_resumed_on_another_device_names_both(tmp_path):
     write_run_info(tmp_path / "res_512", {**info, "resumed": resumes, "wall_seconds": 600.0})
     rows = {row[0]: row for row in summary_rows(collect_groups(tmp_path))}
     assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: AMD EPYC, 2 threads"
-    assert rows["res_512"][10] == "10.0 min (in 3 stretches)"  # the sum of them: not what it needs alone
+    assert rows["res_512"][10] == "10.0 min (in 3 parts)"  # the sum of them: not what it needs alone
 
 
 def test_an_experiment_without_a_run_shows_its_twins_unchanged_run_labelled_as_such(tmp_path):
