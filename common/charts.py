@@ -49,7 +49,7 @@ class RunRecord:
         epochs and wall time came from all of them."""
         names = [self.info.get("device", {}).get("name", "unknown device")]
         names += [resume.get("device", "unknown device") for resume in self.info.get("resumed", [])]
-        return " + ".join(dict.fromkeys(name.replace("NVIDIA ", "") for name in names))
+        return " + ".join(dict.fromkeys(map(short_device_name, names)))
 
     @property
     def smoke(self):
@@ -75,6 +75,14 @@ class RunRecord:
         text = f"{self.variant}, {self.epochs}, seed {self.info.get('seed', '?')}, {self.device}"
         return (text + (", SMOKE" if self.smoke else "") + (", uncommitted code" if self.uncommitted else "")
                 + (f", same run as {self.same_run_as}" if self.same_run_as else ""))
+
+
+def short_device_name(name):
+    """A recorded device name as the tables print it, without vendor marks: 'CPU: Intel(R) Xeon(R)
+    Processor @ 2.50GHz, 2 threads' is 'CPU: Intel Xeon @ 2.50GHz, 2 threads'."""
+    for mark in ("NVIDIA ", "(R)", "(TM)", " Processor"):
+        name = name.replace(mark, "")
+    return name
 
 
 def load_run(folder, name):

@@ -57,10 +57,10 @@ def test_a_run_resumed_on_another_device_names_both(tmp_path):
     fake_run(tmp_path / "res_512", [0.4, 0.6])
     info = json.loads((tmp_path / "res_512" / "run.json").read_text())
     resumes = [{"at": "2026-11-27T04:37:03+00:00", "device": "NVIDIA H100 80GB HBM3"},
-               {"at": "2026-11-28T09:00:00+00:00", "device": "CPU: AMD EPYC, 2 threads"}]
+               {"at": "2026-11-28T09:00:00+00:00", "device": "CPU: Intel(R) Xeon(R) Processor @ 2.50GHz, 2 threads"}]
     write_run_info(tmp_path / "res_512", {**info, "resumed": resumes, "wall_seconds": 600.0})
     rows = {row[0]: row for row in summary_rows(collect_groups(tmp_path))}
-    assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: AMD EPYC, 2 threads"
+    assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: Intel Xeon @ 2.50GHz, 2 threads"  # vendor marks left out
     assert rows["res_512"][10] == "10.0 min (in 3 parts)"  # the sum of them: not what it needs alone
 
 
