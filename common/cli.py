@@ -32,9 +32,9 @@ def cmd_list(args):
     for name, exp in EXPERIMENTS.items():
         c = exp.config
         activation = model_options(c)["activation"]
-        state = experiment_state(exp.folder)
-        if state == "-" and twins(name):  # the tables show the twin's run for it
-            state += f" (same settings as {', '.join(twins(name))})"
+        state, same = experiment_state(exp.folder), twins(name)
+        if state == "-" and same:  # the tables show the twin's run for it
+            state += f" (same settings as {', '.join(same)})"
         print(f"{name:32} {c.architecture:12} {activation:10} {c.optimizer:9} {c.epochs:>6} "
               f"{count_parameters(model_from_config(c)):>16,}  {state}")
 

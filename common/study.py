@@ -48,10 +48,9 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
         status = read_status(folder)
         complete = status.get("status") == "complete"
         resume = not complete and (folder / CHECKPOINT_FILE).is_file()
-        twin = None if resume else twin_in_study(name, configs)
         if complete and not differing_settings(status.get("config", {}), config):
             outcomes[name] = f"{SKIPPED} (complete)"
-        elif twin:
+        elif not resume and (twin := twin_in_study(name, configs)):
             outcomes[name] = f"{SKIPPED} ({twin} has the same settings: its run stands for both)"
         else:
             queue.append((name, folder, config.epochs, resume))

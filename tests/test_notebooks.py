@@ -17,7 +17,11 @@ def tree_digest(folder, skipped=frozenset()):
     """sha256 of every file under `folder` but for those under the `skipped` folders (relative)."""
     return {path: hashlib.sha256((folder / path).read_bytes()).hexdigest()
             for path in sorted(p.relative_to(folder) for p in folder.rglob("*"))
-            if not skipped & {*path.parents} and (folder / path).is_file()}
+            if not inside(path, skipped) and (folder / path).is_file()}
+
+
+def inside(path, folders):
+    return bool(folders & {*path.parents})
 
 
 def live_run_folders(folder):
@@ -33,7 +37,7 @@ def committed_training_tree():
     before = tree_digest(TRAINING_DIR, live)
     yield
     live |= live_run_folders(TRAINING_DIR)
-    before = {path: sha for path, sha in before.items() if not live & {*path.parents}}
+    before = {path: sha for path, sha in before.items() if not inside(path, live)}
     assert tree_digest(TRAINING_DIR, live) == before, "a notebook run changed files under training/"
 
 
