@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .charts import short_device_name
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
@@ -196,7 +197,8 @@ def table(result):
     """The result as the text table `bench` prints (and results/bench.md holds)."""
     flops, matmul = result["training_flops_per_image"], result["matmul"]["flops_per_second"]
     settings = "".join(f", {key}={value}" for key, value in result.get("settings", {}).items())
-    lines = [f"{result['experiment']}, batch {result['batch_size']}{settings}, {result['device']}, torch "
+    lines = [f"{result['experiment']}, batch {result['batch_size']}{settings}, "
+             f"{short_device_name(result['device'])}, torch "
              f"{result['torch']}, {result['data_variant']} data; median of {result['repeats']} x "
              f"{result['steps']} steps",
              f"training FLOPs per image: {flops / 1e6:,.1f} M",

@@ -10,12 +10,18 @@ import math
 import os
 import statistics
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .config import UserError, one_line
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 HISTORY_FILES = {
     "train_loss": "train_loss_history.txt",
@@ -89,40 +95,97 @@ def load_checkpoint(folder):
 @contextmanager
 def run_lock(folder):
     """Hold `folder` for one run: a second run pointed at it is refused while the first lives.
-    The lock file names the holder's pid, so a lock left by a killed run is recognised and taken."""
+    The hold is the kernel's lock (flock) on run.lock, a file that also names the holder's pid. The
+    kernel drops the lock however its process ends, so a killed run never blocks the next one, even
+    where its pid has since gone to another process, and two runs starting at once cannot both
+    take it."""
     path = Path(folder) / LOCK_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where the folder should be, no permission, a read-only disk
-        raise UserError(f"{folder}: cannot be the run folder ({e.strerror})") from None
+    patience = time.monotonic() + 1  # `list` looking at a lock holds it shared for an instant
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = lock_holder(path)
-            if holder is not None:
-                raise UserError(f"{folder} is in use by another run (pid {holder}, see {path}); "
-                                f"wait for it, or pass another --out") from None
-            path.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR)
+        except OSError as e:  # a file where the folder should be, no permission, a read-only disk
+            raise UserError(f"{folder}: cannot be the run folder ({e.strerror})") from None
+        if try_lock(fd, exclusive=True):
+            if still_at(fd, path):
+                break
+            os.close(fd)  # removed by the run that just ended: take the new file
+            continue
+        os.close(fd)
+        holder = lock_holder(path)
+        if holder is not None and time.monotonic() > patience:
+            raise UserError(f"{folder} is in use by another run (pid {holder}, see {path}); "
+                            f"wait for it, or pass another --out")
+        time.sleep(0.02)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        release(fd, path)
 
 
 def lock_holder(path):
-    """The pid in a lock file if that process is alive, else None (a stale lock)."""
+    """The pid of the live run holding the lock at `path` (0 for the instant before it writes its
+    pid), else None: no lock file, or one left by a run that has ended."""
     try:
-        pid = int(Path(path).read_text().strip())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return None if try_lock(fd, exclusive=False) else pid_in(fd)
+    finally:
+        os.close(fd)  # which ends a shared lock taken only to look
+
+
+def try_lock(fd, exclusive):
+    """Take the kernel's lock on the open file `fd` without waiting; False if a run holds it.
+    Without flock (Windows) a lock is the pid in the file, held while that process lives."""
+    if fcntl is None:
+        pid = pid_in(fd)
+        return not (pid and pid_alive(pid))
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def release(fd, path):
+    if fcntl is None:
+        os.close(fd)  # Windows cannot remove an open file
+        path.unlink(missing_ok=True)
+    else:
+        path.unlink(missing_ok=True)  # before the lock ends, so no one takes a file on its way out
+        os.close(fd)
+
+
+def still_at(fd, path):
+    """Whether the open file `fd` is still the one at `path`, not one its last holder removed."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def pid_in(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        return int(os.read(fd, 32).decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return 0
+
+
+def pid_alive(pid):
+    try:
         os.kill(pid, 0)
     except PermissionError:  # alive, but another user's
-        return pid
-    except (OSError, ValueError):
-        return None
-    return pid
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def remove_run_files(folder):

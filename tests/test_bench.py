@@ -49,6 +49,7 @@ def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path,
     assert sorted(p.name for p in (tmp_path / "bench").glob("*.json")) == [  # two devices, two records
         "cpu_amd_epyc_2_threads-res_512-b8-compile-True-compile_mode-reduce-overhead.json",
         "nvidia_h200-res_512-b8-compile-True-compile_mode-reduce-overhead.json"]
+    assert "compile_mode=reduce-overhead, H200, torch" in (tmp_path / "bench.md").read_text()  # no vendor mark
 
 
 def test_bench_takes_any_field_in_settings_its_flags_win_and_the_limit_steps_as_the_loop(fake_data, monkeypatch):

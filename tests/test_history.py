@@ -1,10 +1,16 @@
+import fcntl
+import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 
+from common import history as run_folder
 from common.config import UserError
-from common.history import (HISTORY_FILES, RunFolderError, experiment_state, read_history, read_run_info,
-                            replace_atomically, write_atomic, write_history, write_run_info)
+from common.history import (HISTORY_FILES, RunFolderError, experiment_state, lock_holder, read_history,
+                            read_run_info, replace_atomically, run_lock, write_atomic, write_history,
+                            write_run_info)
 
 
 def history(n=3):
@@ -81,20 +87,22 @@ def test_run_info_must_be_a_json_object(tmp_path):
 
 
 def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable(tmp_path):
-    def run(folder, status, done, budget="full", checkpoint=False, lock_pid=None):
+    def run(folder, status, done, budget="full", checkpoint=False):
         write_run_info(folder, {"status": status, "epochs_done": done, "planned_epochs": 50, "budget": budget})
         if checkpoint:
             (folder / "checkpoint.pt").write_bytes(b"")
-        if lock_pid is not None:
-            (folder / "run.lock").write_text(f"{lock_pid}\n")
         return experiment_state(folder)
 
     assert experiment_state(tmp_path / "never") == "-"
     assert run(tmp_path / "a", "complete", 50) == "complete"
     assert run(tmp_path / "b", "interrupted", 30, checkpoint=True) == "interrupted 30/50, resumable"
-    assert run(tmp_path / "c", "running", 3, checkpoint=True, lock_pid=os.getpid()) == "running 3/50"
+    with run_lock(tmp_path / "c"):
+        assert run(tmp_path / "c", "running", 3, checkpoint=True) == "running 3/50"
     # run.json still says running, but no live process holds the folder: SIGKILL, power loss
     assert run(tmp_path / "d", "running", 3, checkpoint=True) == "killed 3/50, resumable"
+    # nor does the live process its lock file names (a pid reused after a reboot): no lock is held
+    (tmp_path / "d" / "run.lock").write_text(f"{os.getpid()}\n")
+    assert experiment_state(tmp_path / "d") == "killed 3/50, resumable"
     assert run(tmp_path / "e", "failed", 2, budget="smoke") == "failed 2/50 (smoke)"
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "run.json").write_text("[")
@@ -102,3 +110,58 @@ def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable
     run(tmp_path / "g" / "seed0", "complete", 50)
     run(tmp_path / "g" / "seed1", "interrupted", 7)
     assert experiment_state(tmp_path / "g") == "seed0 complete; seed1 interrupted 7/50"
+
+
+def test_a_run_lock_is_the_kernels_and_names_its_holder(tmp_path):
+    lock = tmp_path / "run.lock"
+    with run_lock(tmp_path):
+        assert lock_holder(lock) == os.getpid()
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}, see "):
+            with run_lock(tmp_path):
+                pass
+    assert not lock.exists() and lock_holder(lock) is None
+    # a run that has taken the lock but not yet written its pid already holds the folder
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert lock_holder(lock) == 0
+        with pytest.raises(UserError, match="in use by another run"):
+            with run_lock(tmp_path):
+                pass
+
+
+def contend(folder, start, answered):
+    start.wait()
+    try:
+        with run_lock(folder):
+            answered.wait()  # hold it until every contender has been answered
+    except UserError:
+        answered.wait()
+        os._exit(3)
+
+
+def test_of_runs_starting_at_once_on_a_folder_exactly_one_takes_it(tmp_path):
+    (tmp_path / "run.lock").write_text(f"{os.getpid()}\n")  # left by a killed run: taken by one
+    fork = multiprocessing.get_context("fork")
+    start, answered = fork.Barrier(4), fork.Barrier(4)
+    runs = [fork.Process(target=contend, args=(tmp_path, start, answered)) for _ in range(3)]
+    for run in runs:
+        run.start()
+    start.wait()
+    answered.wait(30)
+    for run in runs:
+        run.join(10)
+    assert sorted(run.exitcode for run in runs) == [0, 3, 3]
+
+
+def test_without_flock_a_lock_is_held_while_the_pid_it_names_lives(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_folder, "fcntl", None)  # as on Windows
+    (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # our parent: alive
+    with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getppid()}"):
+        with run_lock(tmp_path):
+            pass
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(ended.stdout)
+    with run_lock(tmp_path):
+        assert lock_holder(tmp_path / "run.lock") == os.getpid()
+    assert not (tmp_path / "run.lock").exists()

@@ -25,8 +25,9 @@ def inside(path, folders):
 
 
 def live_run_folders(folder):
-    """The folders another process is training into now (a run.lock whose pid lives)."""
-    return {lock.parent.relative_to(folder) for lock in folder.rglob(LOCK_FILE) if lock_holder(lock)}
+    """The folders another process is training into now (a run.lock a live run holds)."""
+    return {lock.parent.relative_to(folder) for lock in folder.rglob(LOCK_FILE)
+            if lock_holder(lock) is not None}
 
 
 @pytest.fixture(scope="module")

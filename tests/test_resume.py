@@ -13,7 +13,7 @@ from torch import nn
 from common import data as cifar
 from common import training
 from common.config import UserError
-from common.history import HISTORY_FILES, load_checkpoint
+from common.history import HISTORY_FILES, load_checkpoint, run_lock
 from common.training import RunInterrupted, train
 from conftest import REPO, wait_for_epochs
 
@@ -153,13 +153,12 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypa
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
 
 
-def test_a_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken(tmp_path, tiny):
-    (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # our parent: alive
-    with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getppid()}"):
-        train("res_512", out_dir=tmp_path, epochs=1, **tiny)
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True)
-    (tmp_path / "run.lock").write_text(finished.stdout)  # a pid whose process has ended
+def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken(tmp_path, tiny):
+    with run_lock(tmp_path):
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}"):
+            train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    # the lock file of a killed run, naming a pid that has since gone to a live process (ours)
+    (tmp_path / "run.lock").write_text(f"{os.getpid()}\n")
     train("res_512", out_dir=tmp_path, epochs=1, **tiny)
     assert not (tmp_path / "run.lock").exists()
 
