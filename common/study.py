@@ -1,12 +1,12 @@
 """python -m common study: run many experiments to completion, several processes at a time.
 
-Each experiment is one `python -m common train` process writing its own folder (its output goes
-to train.log there). A complete run of the same settings is skipped, an unfinished one with a
+Each experiment is one `python -m common train` process writing its own folder (its output goes to
+train.log there). A complete run of the same settings is skipped, an unfinished one with a
 checkpoint resumed, any other started afresh (as `train` would: a smoke study refuses to replace a
-full-budget run), and a failure is reported without stopping the others. An experiment whose
-registry settings equal an earlier one's in the same study (changing_optimisers/sgd's are
-changing_activations/relu's) is skipped when both are asked unchanged: the tables show that run
-for both. One progress bar counts the epochs of them all.
+full-budget run), one whose folder another run holds left alone, and a failure is reported without
+stopping the others. An experiment whose registry settings equal an earlier one's in the same study
+(changing_optimisers/sgd's are changing_activations/relu's) is skipped when both are asked
+unchanged: the tables show that run for both. One progress bar counts the epochs of them all.
 SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
 that the same command resumes them all.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
-from .history import CHECKPOINT_FILE, RunFolderError, read_run_info
+from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, read_run_info
 from .training import RunInterrupted, StopSignals, differing_settings
 
 LOG_FILE = "train.log"
@@ -48,7 +48,9 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
         status = read_status(folder)
         complete = status.get("status") == "complete"
         resume = not complete and (folder / CHECKPOINT_FILE).is_file()
-        if complete and not differing_settings(status.get("config", {}), config):
+        if (holder := lock_holder(folder / LOCK_FILE)) is not None:  # its train.log is that run's
+            outcomes[name] = f"not started: its folder is in use by another run (pid {holder})"
+        elif complete and not differing_settings(status.get("config", {}), config):
             outcomes[name] = f"{SKIPPED} (complete)"
         elif not resume and (twin := twin_in_study(name, configs)):
             outcomes[name] = f"{SKIPPED} ({twin} has the same settings: its run stands for both)"

@@ -110,6 +110,18 @@ def test_study_skips_an_experiment_whose_twin_earlier_in_it_runs_the_same_settin
     assert all(map(finished, outcomes.values())) and not (tmp_path / sgd).exists()
 
 
+def test_study_leaves_a_folder_held_by_another_run_alone(tmp_path):
+    from common.experiments import EXPERIMENTS
+    from common.history import run_lock
+    from common.study import finished, study
+    log = tmp_path / "res_512" / "train.log"
+    with run_lock(log.parent):
+        log.write_text("the other run's output\n")
+        outcomes = study({"res_512": EXPERIMENTS["res_512"].config}, out_root=tmp_path)
+    assert outcomes == {"res_512": f"not started: its folder is in use by another run (pid {os.getpid()})"}
+    assert not finished(outcomes["res_512"]) and log.read_text() == "the other run's output\n"
+
+
 def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake_data):
     args = ["study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "1",
             "--batch-size", "64", "--data-dir", fake_data, "--no-download"]
