@@ -272,10 +272,10 @@ def prepare(x, config):
 def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     """Train a registered experiment; `overrides` are Config fields (epochs=1, subset=500, ...),
     None meaning "not given" for a field that cannot be None (a notebook's epochs=None) and itself
-    for one that can (activation=None: the architecture's own). Writes the history files, run.json and checkpoint.pt into `out_dir` (default: the
-    experiment's folder) after every epoch, model.pt at the end, and returns the Run. `resume`
-    continues from the folder's checkpoint exactly where it stopped. Under torchrun, trains
-    data-parallel and only rank 0 writes."""
+    for one that can (activation=None: the architecture's own). Writes the history files, run.json
+    and checkpoint.pt into `out_dir` (default: the experiment's folder) after every epoch, model.pt
+    at the end, and returns the Run. `resume` continues from the folder's checkpoint exactly where
+    it stopped. Under torchrun, trains data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None or k in NULLABLE})
     meta_model(config)  # a bad model option or an over-budget model fails before any data loads
