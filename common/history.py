@@ -142,15 +142,18 @@ def lock_holder(path):
 
 def try_lock(fd, exclusive):
     """Take the kernel's lock on the open file `fd` without waiting; False if a run holds it.
-    Without flock (Windows) a lock is the pid in the file, held while that process lives."""
-    if fcntl is None:
-        pid = pid_in(fd)
-        return not (pid and pid_alive(pid))
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+    Without flock (Windows, or a file system that has no locks) a lock is the pid in the file,
+    held while that process lives."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:  # ENOLCK, EOPNOTSUPP: some network mounts
+            pass
+    pid = pid_in(fd)
+    return not (pid and pid_alive(pid))
 
 
 def release(fd, path):

@@ -1,3 +1,4 @@
+import errno
 import fcntl
 import multiprocessing
 import os
@@ -153,8 +154,16 @@ def test_of_runs_starting_at_once_on_a_folder_exactly_one_takes_it(tmp_path):
     assert sorted(run.exitcode for run in runs) == [0, 3, 3]
 
 
-def test_without_flock_a_lock_is_held_while_the_pid_it_names_lives(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_folder, "fcntl", None)  # as on Windows
+def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+
+@pytest.mark.parametrize("without", ["fcntl", "flock"])
+def test_without_flock_a_lock_is_held_while_the_pid_it_names_lives(tmp_path, monkeypatch, without):
+    if without == "fcntl":
+        monkeypatch.setattr(run_folder, "fcntl", None)  # as on Windows
+    else:
+        monkeypatch.setattr(fcntl, "flock", no_flock)  # as on a file system without locks
     (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # our parent: alive
     with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getppid()}"):
         with run_lock(tmp_path):
