@@ -1,12 +1,13 @@
 """python -m common study: run many experiments to completion, several processes at a time.
 
 Each experiment is one `python -m common train` process writing its own folder (its output goes to
-train.log there). A complete run of the same settings is skipped, an unfinished one with a
-checkpoint resumed, any other started afresh (as `train` would: a smoke study refuses to replace a
-full-budget run), one whose folder another run holds left alone, and a failure is reported without
-stopping the others. An experiment whose registry settings equal an earlier one's in the same study
-(changing_optimisers/sgd's are changing_activations/relu's) is skipped when both are asked
-unchanged: the tables show that run for both. One progress bar counts the epochs of them all.
+train.log there, a resumed run's after its earlier output). A complete run of the same settings is
+skipped, an unfinished one with a checkpoint resumed, any other started afresh (as `train` would: a
+smoke study refuses to replace a full-budget run), one whose folder another run holds left alone,
+and a failure is reported without stopping the others. An experiment whose registry settings equal
+an earlier one's in the same study (changing_optimisers/sgd's are changing_activations/relu's) is
+skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
+the epochs of them all.
 SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
 that the same command resumes them all.
 """
@@ -118,7 +119,7 @@ def launch(name, folder, device, extra_args, resume):
     # The caller's working directory, so relative --data-dir and --out-root mean the same to both.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}
-    with open(folder / LOG_FILE, "w") as log:
+    with open(folder / LOG_FILE, "a" if resume else "w") as log:  # a resumed run's log keeps its start
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

@@ -156,6 +156,8 @@ def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes_them(
     assert f"study:{round(100 * status['epochs_done'] / 3):4d}%" in resumed.stderr.split("|")[0]
     assert resumed.stderr.count("study:") <= 8  # drawn when an epoch ends (and at start/end), not each poll
     assert json.loads((folder / "run.json").read_text())["epochs_done"] == 3
+    log = (folder / "train.log").read_text()  # one log for the run, both parts in order
+    assert log.index("stopped by SIGTERM") < log.rindex("res_512: final test accuracy")
 
 
 def test_a_run_killed_before_it_could_save_is_a_failure_not_a_saved_checkpoint(tmp_path):
