@@ -143,12 +143,12 @@ def contend(folder, start, answered):
 def test_of_runs_starting_at_once_on_a_folder_exactly_one_takes_it(tmp_path):
     (tmp_path / "run.lock").write_text(f"{os.getpid()}\n")  # left by a killed run: taken by one
     fork = multiprocessing.get_context("fork")
-    start, answered = fork.Barrier(4), fork.Barrier(4)
+    start, answered = fork.Barrier(4, timeout=30), fork.Barrier(4, timeout=30)
     runs = [fork.Process(target=contend, args=(tmp_path, start, answered)) for _ in range(3)]
     for run in runs:
         run.start()
     start.wait()
-    answered.wait(30)
+    answered.wait()
     for run in runs:
         run.join(10)
     assert sorted(run.exitcode for run in runs) == [0, 3, 3]
