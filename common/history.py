@@ -110,14 +110,14 @@ def run_lock(folder):
         if try_lock(fd, exclusive=True):
             if still_at(fd, path):
                 break
-            os.close(fd)  # removed by the run that just ended: take the new file
-            continue
-        os.close(fd)
-        holder = lock_holder(path)
-        if holder is not None and time.monotonic() > patience:
+        elif time.monotonic() > patience:
+            holder = pid_in(fd)
+            os.close(fd)
             raise UserError(f"{folder} is in use by another run (pid {holder}, see {path}); "
                             f"wait for it, or pass another --out")
-        time.sleep(0.02)
+        else:
+            time.sleep(0.02)
+        os.close(fd)  # held, or removed by the run that just ended: try the file there now
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"{os.getpid()}\n".encode())
