@@ -1,7 +1,8 @@
 """python -m common bench: how close the training loop comes to what the model itself can do.
 
-Three ways of feeding the same model, batch size and device, each timed after a warm-up as the
-median of several repeats:
+Three ways of feeding the same model, batch size and device, each warmed up, then timed in turns
+(one timing of each a round, so that a machine whose speed drifts slows all three alike), each
+figure the median of its rounds:
 - limit: forward, backward and optimiser step on random tensors already on the device;
 - ours: the project's training loop (`train_one_epoch`: on-device augmentation, bookkeeping,
   progress bar) on real images;
@@ -12,6 +13,7 @@ median of several repeats:
 Plus the model's training FLOPs per image (torch.utils.flop_counter) and a dense matrix-multiply
 rate on the same device, for reference (not a bound: convolutions can beat it per FLOP).
 """
+import contextlib
 import json
 import re
 import statistics
@@ -41,16 +43,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_rate(run_steps, images, repeats, device):
-    """Images per second of `run_steps()` (which trains on `images` images), median of `repeats`."""
-    rates = []
+def seconds(device, work):
+    """Wall seconds of `work()`, with the device's queued work finished at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_rates(timers, images, repeats):
+    """Images per second of each timer ({mode: a function that trains on `images` images and
+    returns the seconds it took}), the median of `repeats` timings taken in turns, one of each mode
+    a round: where the machine's speed drifts (a shared host, a clock ramping), every mode is timed
+    across the drift alike, instead of the last mode measured paying for it all."""
+    rates = {mode: [] for mode in timers}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run_steps()
-        synchronize(device)
-        rates.append(images / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for mode, timer in timers.items():
+            rates[mode].append(images / timer())
+    return {mode: statistics.median(values) for mode, values in rates.items()}
 
 
 def model_and_step(config, device):
@@ -70,7 +81,7 @@ def model_and_step(config, device):
     return model.train(), step
 
 
-def measure_limit(config, device, steps, repeats):
+def limit_timer(config, device, steps):
     _, step = model_and_step(config, device)
     x = torch.randn(config.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (config.batch_size,), device=device)
@@ -79,26 +90,26 @@ def measure_limit(config, device, steps, repeats):
         for _ in range(count):
             step(x, y)
     run_steps(3)  # warm-up: allocator, cuDNN autotuning
-    return median_rate(run_steps, steps * config.batch_size, repeats, device)
+    return lambda: seconds(device, run_steps)
 
 
-def measure_ours(experiment, config, device, steps, repeats):
-    """The real loop on a stratified subset of exactly `steps` batches, one epoch per repeat."""
+def ours_timer(experiment, config, device, steps, repeats, resources):
+    """The real loop on a stratified subset of exactly `steps` batches, one epoch per timing. Its
+    run folder and progress bar live as long as `resources` (a contextlib.ExitStack)."""
     config = config.replace(subset=steps * config.batch_size, epochs=repeats + 1)
+    folder = resources.enter_context(tempfile.TemporaryDirectory())
+    run = start_run(get_experiment(experiment), config, Path(folder), device, Cluster(),
+                    overwrite=True, resume=False)
+    autocast = autocast_for(device)
+    progress = resources.enter_context(tqdm(total=(repeats + 1) * steps, desc=f"bench {experiment} (ours)",
+                                            leave=False))
     no_stop = types.SimpleNamespace(signal=None)
-    with tempfile.TemporaryDirectory() as folder:
-        run = start_run(get_experiment(experiment), config, Path(folder), device, Cluster(),
-                        overwrite=True, resume=False)
-        autocast = autocast_for(device)
-        progress = tqdm(total=(repeats + 1) * steps, desc=f"bench {experiment} (ours)", leave=False)
 
-        def one_epoch():
-            train_one_epoch(run, autocast, progress, no_stop)
-            run.position = epoch_start_position(run.position["epoch"] + 1)
-        one_epoch()  # warm-up
-        rate = median_rate(one_epoch, steps * config.batch_size, repeats, device)
-        progress.close()
-    return rate
+    def one_epoch():
+        run.position = epoch_start_position(run.position["epoch"] + 1)
+        return seconds(device, lambda: train_one_epoch(run, autocast, progress, no_stop))
+    train_one_epoch(run, autocast, progress, no_stop)  # warm-up
+    return one_epoch
 
 
 class SeedStyleImages(torch.utils.data.Dataset):
@@ -115,7 +126,10 @@ class SeedStyleImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def measure_seed_style(config, device, data, steps, repeats):
+SEED_STYLE_WORKERS, SEED_STYLE_PREFETCH = 2, 2  # the study's 2 workers; DataLoader's default prefetch
+
+
+def seed_style_timer(config, device, data, steps):
     from torchvision import transforms
     transform = transforms.Compose([
         transforms.RandomCrop(32, padding=config.crop_padding),
@@ -124,22 +138,33 @@ def measure_seed_style(config, device, data, steps, repeats):
         transforms.Normalize(config.mean, config.std)])
     images = np.ascontiguousarray(data.train_images.permute(0, 2, 3, 1).numpy())
     loader = torch.utils.data.DataLoader(SeedStyleImages(images, data.train_labels.numpy(), transform),
-                                         batch_size=config.batch_size, shuffle=True, num_workers=2,
-                                         drop_last=True, persistent_workers=True)
+                                         batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=SEED_STYLE_WORKERS, prefetch_factor=SEED_STYLE_PREFETCH,
+                                         persistent_workers=True)
     _, step = model_and_step(config, device)
     batches = iter(())
 
-    def run_steps():
+    def next_batch():
         nonlocal batches
-        for _ in range(steps):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    def run_steps(count=steps):
+        for _ in range(count):
+            x, y = next_batch()
             step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+    def timed_steps():
+        # The workers went on preparing batches while the other modes were timed: take those
+        # first, untimed, so that this timing starts with none in hand, as a steady pipeline does.
+        for _ in range(SEED_STYLE_WORKERS * SEED_STYLE_PREFETCH):
+            next_batch()
+        return seconds(device, run_steps)
     run_steps()  # warm-up: starts the workers
-    return median_rate(run_steps, steps * config.batch_size, repeats, device)
+    return timed_steps
 
 
 def matmul_flops_per_second(device, repeats=5):
@@ -169,14 +194,16 @@ def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, s
     meta_model(config)  # model options and budget checked before the data loads
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)
-    measure = {
-        "limit": lambda: measure_limit(config, device, steps, repeats),
-        "ours": lambda: measure_ours(experiment, config, device, steps, repeats),
-        "seed-style": lambda: measure_seed_style(config, device, data, steps, repeats),
-    }
     flops = training_flops(model_and_step(config.replace(compile=False), device)[0])
     matmul, matmul_kind = matmul_flops_per_second(device)
-    rates = {mode: measure[mode]() for mode in modes}
+    with contextlib.ExitStack() as resources:
+        make_timer = {
+            "limit": lambda: limit_timer(config, device, steps),
+            "ours": lambda: ours_timer(experiment, config, device, steps, repeats, resources),
+            "seed-style": lambda: seed_style_timer(config, device, data, steps),
+        }
+        timers = {mode: make_timer[mode]() for mode in modes}  # each built and warmed up once
+        rates = interleaved_rates(timers, steps * config.batch_size, repeats)
     result = {
         "experiment": experiment, "batch_size": config.batch_size, "settings": settings,
         "steps": steps, "repeats": repeats,
