@@ -11,7 +11,8 @@ figure the median of its rounds:
   official pickles with plain `pickle` and refuses the offline copy, so the same per-image work is
   done here on the arrays our safe reader returns.
 Plus the model's training FLOPs per image (torch.utils.flop_counter) and a dense matrix-multiply
-rate on the same device, for reference (not a bound: convolutions can beat it per FLOP).
+rate on the same device, timed in the same turns, for reference (not a bound: convolutions can beat
+it per FLOP).
 """
 import contextlib
 import json
@@ -52,16 +53,16 @@ def seconds(device, work):
     return time.perf_counter() - start
 
 
-def interleaved_rates(timers, images, repeats):
-    """Images per second of each timer ({mode: a function that trains on `images` images and
-    returns the seconds it took}), the median of `repeats` timings taken in turns, one of each mode
-    a round: where the machine's speed drifts (a shared host, a clock ramping), every mode is timed
-    across the drift alike, instead of the last mode measured paying for it all."""
-    rates = {mode: [] for mode in timers}
+def interleaved_seconds(timers, repeats):
+    """The median seconds of each timer ({name: a function doing its work once and returning the
+    seconds it took}) over `repeats` rounds, each timer timed once a round, in turns: where the
+    machine's speed drifts (a shared host, a clock ramping), every timer is timed across the drift
+    alike, instead of the last one measured paying for it all."""
+    times = {name: [] for name in timers}
     for _ in range(repeats):
-        for mode, timer in timers.items():
-            rates[mode].append(images / timer())
-    return {mode: statistics.median(values) for mode, values in rates.items()}
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def model_and_step(config, device):
@@ -167,19 +168,17 @@ def seed_style_timer(config, device, data, steps):
     return timed_steps
 
 
-def matmul_flops_per_second(device, repeats=5):
-    """A dense square matrix multiply (fp32 on CPU, bf16 on GPU): a rate to read the rest by."""
+def matmul_timer(device, count=5):
+    """A dense square matrix multiply (fp32 on CPU, bf16 on GPU), a rate to read the rest by: a
+    timer doing it `count` times, the FLOPs of that, and what was multiplied."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
-    rates = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        rates.append(2 * n ** 3 / (time.perf_counter() - start))
-    return statistics.median(rates), f"{str(dtype).removeprefix('torch.')} {n}x{n}"
+
+    def multiply():
+        for _ in range(count):
+            a @ b
+    return lambda: seconds(device, multiply), count * 2 * n ** 3, f"{str(dtype).removeprefix('torch.')} {n}x{n}"
 
 
 def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, steps=20, repeats=3,
@@ -195,7 +194,6 @@ def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, s
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)
     flops = training_flops(model_and_step(config.replace(compile=False), device)[0])
-    matmul, matmul_kind = matmul_flops_per_second(device)
     with contextlib.ExitStack() as resources:
         make_timer = {
             "limit": lambda: limit_timer(config, device, steps),
@@ -203,7 +201,10 @@ def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, s
             "seed-style": lambda: seed_style_timer(config, device, data, steps),
         }
         timers = {mode: make_timer[mode]() for mode in modes}  # each built and warmed up once
-        rates = interleaved_rates(timers, steps * config.batch_size, repeats)
+        timers["matmul"], matmul_flops, matmul_kind = matmul_timer(device)
+        median_seconds = interleaved_seconds(timers, repeats)
+    matmul = matmul_flops / median_seconds.pop("matmul")
+    rates = {mode: steps * config.batch_size / median for mode, median in median_seconds.items()}
     result = {
         "experiment": experiment, "batch_size": config.batch_size, "settings": settings,
         "steps": steps, "repeats": repeats,
