@@ -153,8 +153,8 @@ def seed_style_timer(config, device, data, steps):
             batches = iter(loader)
             return next(batches)
 
-    def run_steps(count=steps):
-        for _ in range(count):
+    def run_steps():
+        for _ in range(steps):
             x, y = next_batch()
             step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
@@ -178,7 +178,8 @@ def matmul_timer(device, count=5):
     def multiply():
         for _ in range(count):
             a @ b
-    return lambda: seconds(device, multiply), count * 2 * n ** 3, f"{str(dtype).removeprefix('torch.')} {n}x{n}"
+    kind = f"{str(dtype).removeprefix('torch.')} {n}x{n}"
+    return lambda: seconds(device, multiply), count * 2 * n ** 3, kind
 
 
 def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, steps=20, repeats=3,
