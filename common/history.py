@@ -22,6 +22,10 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+try:
+    import msvcrt  # Windows: its byte-range locks, like flock, end with their process
+except ImportError:
+    msvcrt = None
 
 HISTORY_FILES = {
     "train_loss": "train_loss_history.txt",
@@ -44,6 +48,11 @@ def umask():
     return mask
 
 
+# Windows's locks are mandatory (a locked byte cannot be read), so a lock there takes one byte far
+# past the pid the file names, which others still read.
+WINDOWS_LOCK_OFFSET = 1 << 30
+
+
 # What open() would give a new file; mkstemp's temporary files are private (0600) until chmod-ed.
 FILE_MODE = 0o666 & ~umask()
 
@@ -60,7 +69,8 @@ def replace_atomically(path, write):
         raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where modes barely apply
+                os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -95,10 +105,10 @@ def load_checkpoint(folder):
 @contextmanager
 def run_lock(folder):
     """Hold `folder` for one run: a second run pointed at it is refused while the first lives.
-    The hold is the kernel's lock (flock) on run.lock, a file that also names the holder's pid. The
-    kernel drops the lock however its process ends, so a killed run never blocks the next one, even
-    where its pid has since gone to another process, and two runs starting at once cannot both
-    take it."""
+    The hold is the kernel's lock (flock; on Windows a byte-range lock) on run.lock, a file that
+    also names the holder's pid. The kernel drops the lock however its process ends, so a killed
+    run never blocks the next one, even where its pid has since gone to another process, and two
+    runs starting at once cannot both take it."""
     path = Path(folder) / LOCK_FILE
     patience = time.monotonic() + 1  # `list` looking at a lock holds it shared for an instant
     while True:
@@ -117,7 +127,7 @@ def run_lock(folder):
                             f"wait for it, or pass another --out")
         else:
             time.sleep(0.02)
-        os.close(fd)  # held, or removed by the run that just ended: try the file there now
+        unlock_and_close(fd)  # held, or removed by the run that just ended: try the file there now
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -137,13 +147,13 @@ def lock_holder(path):
     try:
         return None if try_lock(fd, exclusive=False) else pid_in(fd)
     finally:
-        os.close(fd)  # which ends a shared lock taken only to look
+        unlock_and_close(fd)  # a lock taken only to look
 
 
 def try_lock(fd, exclusive):
     """Take the kernel's lock on the open file `fd` without waiting; False if a run holds it.
-    Without flock (Windows, or a file system that has no locks) a lock is the pid in the file,
-    held while that process lives."""
+    Where the file system has no locks (some network mounts) a lock is the pid in the file, held
+    while that process lives."""
     if fcntl is not None:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -152,17 +162,39 @@ def try_lock(fd, exclusive):
             return False
         except OSError:  # ENOLCK, EOPNOTSUPP: some network mounts
             pass
+    elif msvcrt is not None:  # no shared locks there: a look holds it for an instant (run_lock waits)
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
     pid = pid_in(fd)
     return not (pid and pid_alive(pid))
 
 
 def release(fd, path):
     if fcntl is None:
-        os.close(fd)  # Windows cannot remove an open file
-        path.unlink(missing_ok=True)
+        unlock_and_close(fd)  # Windows cannot remove an open file
+        try:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # another run has just opened it (Windows): left there, unlocked
+            pass
     else:
         path.unlink(missing_ok=True)  # before the lock ends, so no one takes a file on its way out
         os.close(fd)
+
+
+def unlock_and_close(fd):
+    """Close `fd`, ending any lock this process holds on it (flock's end with the file; Windows
+    asks for its byte-range locks to be undone first)."""
+    if fcntl is None and msvcrt is not None:
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:  # not held by us
+            pass
+    os.close(fd)
 
 
 def still_at(fd, path):

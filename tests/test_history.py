@@ -26,6 +26,12 @@ def test_history_round_trips_exactly_one_float_per_line(tmp_path):
     assert len(lines) == 3 and all(float(line) == v for line, v in zip(lines, written["test_acc"]))
 
 
+def test_atomic_write_needs_no_fchmod(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "fchmod")  # as on Windows before Python 3.13
+    write_atomic(tmp_path / "a.txt", "0.5\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and (tmp_path / "a.txt").read_text() == "0.5\n"
+
+
 def test_atomic_write_leaves_only_the_file(tmp_path):
     write_atomic(tmp_path / "a.txt", "one\n")
     write_atomic(tmp_path / "a.txt", "two\n")
@@ -161,7 +167,8 @@ def no_flock(fd, operation):
 @pytest.mark.parametrize("without", ["fcntl", "flock"])
 def test_without_flock_a_lock_is_held_while_the_pid_it_names_lives(tmp_path, monkeypatch, without):
     if without == "fcntl":
-        monkeypatch.setattr(run_folder, "fcntl", None)  # as on Windows
+        monkeypatch.setattr(run_folder, "fcntl", None)  # and no Windows locks either
+        monkeypatch.setattr(run_folder, "msvcrt", None)
     else:
         monkeypatch.setattr(fcntl, "flock", no_flock)  # as on a file system without locks
     (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # our parent: alive
@@ -174,3 +181,40 @@ def test_without_flock_a_lock_is_held_while_the_pid_it_names_lives(tmp_path, mon
     with run_lock(tmp_path):
         assert lock_holder(tmp_path / "run.lock") == os.getpid()
     assert not (tmp_path / "run.lock").exists()
+
+
+class FlockAsMsvcrt:
+    """Windows's msvcrt.locking acted by flock: an exclusive lock that fails at once with an OSError
+    where another open file holds it; notes where each call's byte range starts."""
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self):
+        self.offsets = set()
+
+    def locking(self, fd, mode, nbytes):
+        self.offsets.add(os.lseek(fd, 0, os.SEEK_CUR))
+        if mode == self.LK_UNLCK:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+
+
+def test_on_windows_a_run_lock_is_a_byte_range_lock_past_the_pid(tmp_path, monkeypatch):
+    windows = FlockAsMsvcrt()
+    monkeypatch.setattr(run_folder, "fcntl", None)
+    monkeypatch.setattr(run_folder, "msvcrt", windows)
+    lock = tmp_path / "run.lock"
+    with run_lock(tmp_path):
+        assert lock_holder(lock) == os.getpid()
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}, see "):
+            with run_lock(tmp_path):
+                pass
+    assert not lock.exists() and lock_holder(lock) is None
+    assert windows.offsets == {run_folder.WINDOWS_LOCK_OFFSET}  # the pid's bytes stay readable
+    # the pid a killed run's lock file names, alive or not, holds nothing: only the lock does
+    lock.write_text(f"{os.getppid()}\n")
+    with run_lock(tmp_path):
+        assert lock_holder(lock) == os.getpid()
