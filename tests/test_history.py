@@ -119,14 +119,20 @@ def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable
     assert experiment_state(tmp_path / "g") == "seed0 complete; seed1 interrupted 7/50"
 
 
-def test_a_run_lock_is_the_kernels_and_names_its_holder(tmp_path):
-    lock = tmp_path / "run.lock"
-    with run_lock(tmp_path):
+def holds_then_ends(folder):
+    """A run holding `folder` is named by its lock and refuses a second run; its end frees it."""
+    lock = folder / "run.lock"
+    with run_lock(folder):
         assert lock_holder(lock) == os.getpid()
         with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}, see "):
-            with run_lock(tmp_path):
+            with run_lock(folder):
                 pass
     assert not lock.exists() and lock_holder(lock) is None
+
+
+def test_a_run_lock_is_the_kernels_and_names_its_holder(tmp_path):
+    lock = tmp_path / "run.lock"
+    holds_then_ends(tmp_path)
     # a run that has taken the lock but not yet written its pid already holds the folder
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -207,12 +213,7 @@ def test_on_windows_a_run_lock_is_a_byte_range_lock_past_the_pid(tmp_path, monke
     monkeypatch.setattr(run_folder, "fcntl", None)
     monkeypatch.setattr(run_folder, "msvcrt", windows)
     lock = tmp_path / "run.lock"
-    with run_lock(tmp_path):
-        assert lock_holder(lock) == os.getpid()
-        with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}, see "):
-            with run_lock(tmp_path):
-                pass
-    assert not lock.exists() and lock_holder(lock) is None
+    holds_then_ends(tmp_path)
     assert windows.offsets == {run_folder.WINDOWS_LOCK_OFFSET}  # the pid's bytes stay readable
     # the pid a killed run's lock file names, alive or not, holds nothing: only the lock does
     lock.write_text(f"{os.getppid()}\n")
