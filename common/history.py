@@ -163,9 +163,8 @@ def try_lock(fd, exclusive):
         except OSError:  # ENOLCK, EOPNOTSUPP: some network mounts
             pass
     elif msvcrt is not None:  # no shared locks there: a look holds it for an instant (run_lock waits)
-        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            windows_lock(fd, msvcrt.LK_NBLCK)
             return True
         except OSError:
             return False
@@ -189,12 +188,17 @@ def unlock_and_close(fd):
     """Close `fd`, ending any lock this process holds on it (flock's end with the file; Windows
     asks for its byte-range locks to be undone first)."""
     if fcntl is None and msvcrt is not None:
-        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
         try:
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            windows_lock(fd, msvcrt.LK_UNLCK)
         except OSError:  # not held by us
             pass
     os.close(fd)
+
+
+def windows_lock(fd, mode):
+    """msvcrt.locking with `mode` (take without waiting, or undo) on the lock's one byte."""
+    os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+    msvcrt.locking(fd, mode, 1)
 
 
 def still_at(fd, path):
