@@ -8,8 +8,8 @@ and a failure is reported without stopping the others. An experiment whose regis
 an earlier one's in the same study (changing_optimisers/sgd's are changing_activations/relu's) is
 skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
 the epochs of them all.
-SIGINT or SIGTERM to the study stops every run it started, each after saving its checkpoint, so
-that the same command resumes them all.
+SIGINT or SIGTERM to the study (Ctrl+C or Ctrl+Break on Windows) stops every run it started,
+each after saving its checkpoint, so that the same command resumes them all.
 """
 import itertools
 import os
@@ -27,6 +27,7 @@ from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, re
 from .training import RunInterrupted, StopSignals, differing_settings
 
 LOG_FILE = "train.log"
+WINDOWS = os.name == "nt"
 COMPLETE, SKIPPED = "complete", "skipped"
 
 
@@ -87,7 +88,7 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
                     progress.update(done - progress.n)
     finally:
         for _, _, process in running.values():
-            process.terminate()  # each finishes its step and saves its checkpoint
+            ask_to_stop(process)
         for name, folder, process in running.values():
             outcomes[name] = outcome(process.wait(), folder)
             tqdm.write(f"{name}: {outcomes[name]}")
@@ -119,8 +120,23 @@ def launch(name, folder, device, extra_args, resume):
     # The caller's working directory, so relative --data-dir and --out-root mean the same to both.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}
+    # On Windows a run in its own process group can be sent Ctrl+Break (see ask_to_stop).
+    group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS else {}
     with open(folder / LOG_FILE, "a" if resume else "w") as log:  # a resumed run's log keeps its start
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
+
+
+def ask_to_stop(process):
+    """Have a run finish its step, save its checkpoint and exit (StopSignals). POSIX: SIGTERM.
+    Windows has no SIGTERM to send (terminate() kills at once): Ctrl+Break to the run's process
+    group, which needs a console shared with it; without one the run can only be killed."""
+    if WINDOWS:
+        try:
+            process.send_signal(signal.CTRL_BREAK_EVENT)
+            return
+        except OSError:
+            pass
+    process.terminate()
 
 
 def outcome(returncode, folder):

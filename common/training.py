@@ -681,11 +681,11 @@ class RunInterrupted(UserError):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `signal`: the loop finishes its step, saves and
-    stops, instead of dying mid-write. Signals can only be caught in the main thread; elsewhere
-    this does nothing."""
+    """While active, SIGINT and SIGTERM (and Windows's SIGBREAK, Ctrl+Break, which a study sends
+    its runs there) only set `signal`: the loop finishes its step, saves and stops, instead of dying
+    mid-write. Signals can only be caught in the main thread; elsewhere this does nothing."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []))
 
     def __enter__(self):
         self.signal, self.previous = None, {}

@@ -184,6 +184,46 @@ def test_a_run_killed_before_it_could_save_is_a_failure_not_a_saved_checkpoint(t
     assert outcome(2, tmp_path) == "failed (exit 2): epoch 1"
 
 
+class FakeRun:
+    """A run's process that records how it was asked to stop; `console=False` refuses Ctrl+Break,
+    as Windows does when the study shares no console with the run."""
+
+    def __init__(self, console=True):
+        self.console, self.calls = console, []
+
+    def send_signal(self, number):
+        if not self.console:
+            raise OSError("no console")
+        self.calls.append(("send_signal", number))
+
+    def terminate(self):
+        self.calls.append(("terminate",))
+
+
+def test_on_windows_a_study_starts_each_run_in_its_own_group_and_stops_it_with_ctrl_break(tmp_path,
+                                                                                          monkeypatch):
+    import common.study as study_module
+    monkeypatch.setattr(study_module, "WINDOWS", True)
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200, raising=False)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **options: started.append(options))
+    study_module.launch("res_512", tmp_path / "res_512", "cpu", [], resume=False)
+    assert started[0]["creationflags"] == 0x200  # Ctrl+Break reaches a process group, not a process
+
+    graceful, without_console = FakeRun(), FakeRun(console=False)
+    study_module.ask_to_stop(graceful)
+    study_module.ask_to_stop(without_console)
+    assert graceful.calls == [("send_signal", 1)]  # terminate() would kill it mid-step there
+    assert without_console.calls == [("terminate",)]
+
+    monkeypatch.setattr(study_module, "WINDOWS", False)
+    on_posix = FakeRun()
+    study_module.ask_to_stop(on_posix)
+    study_module.launch("res_512", tmp_path / "res_512", "cpu", [], resume=False)
+    assert on_posix.calls == [("terminate",)] and "creationflags" not in started[1]  # SIGTERM
+
+
 def test_a_folder_with_a_corrupt_run_json_is_run_afresh_beside_the_others(tmp_path, fake_data):
     (tmp_path / "res_512").mkdir()
     (tmp_path / "res_512" / "run.json").write_text("{half a fi")
