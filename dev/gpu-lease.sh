@@ -50,14 +50,15 @@ stage)
     # 94.0% (3 seeds on a CPU gave 93.97 +- 0.08 with TTA); fast94 trained in 4.7 s on an H200.
     timeout -s TERM $RUNS_S python3 -m common train fast94 --seeds 10 --set block_convs=1 \
         --out results/checks/gpu-fast94-1conv $DATA > $LOGS/fast94-1conv.log 2>&1 &
-    # The sweeps' 50-epoch runs (about 3 min each alone); those complete already are skipped.
-    timeout -s TERM $RUNS_S python3 -m common study changing_activations/{relu,leakyrelu,gelu,tanh} \
-        changing_optimisers/{adam,adadelta,rmsprop,adagrad,sgd} --parallel 3 $DATA > $LOGS/study.log 2>&1 &
+    # No sweep runs here: best_5m (4.3 min alone on an H200) needs the GPU to itself to end in time,
+    # and the CPU sessions run the sweeps' 50-epoch runs (about 90 min each on an AMD EPYC).
     wait
     echo "runs ended after $(( $(date +%s) - T0 )) s"
-    # fast94's ours/limit was 0.86 on an H200 by the sequential bench: retaken with the interleaved one.
-    for BENCH in "res_512_d" "fast94" "res_512_d --set compile=true" \
-            "res_512_d --set compile=true --set compile_mode=reduce-overhead"; do
+    # Which removes batch 128's launch overhead better, CUDA graphs or plain torch.compile (never
+    # measured on a GPU), beside the plain loop; then fast94 (ours/limit 0.86 on an H200 by the
+    # sequential bench), retaken with the interleaved one.
+    for BENCH in "res_512_d" "res_512_d --set compile=true --set compile_mode=reduce-overhead" \
+            "res_512_d --set compile=true" "fast94"; do
         [ $(left) -gt 30 ] || break
         timeout -s TERM $(( $(left) - 5 )) python3 -m common bench --device cuda --experiment $BENCH \
             $DATA --record > "$LOGS/bench-${BENCH// /}.log" 2>&1
