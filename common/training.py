@@ -642,7 +642,9 @@ def forward_backward(model, x, y, config, autocast):
             output = model(xc)
             loss = F.cross_entropy(output.float(), yc, label_smoothing=config.label_smoothing)
         (loss * (len(yc) / len(y))).backward()
-        outputs.append(output.detach())
+        # A copy: under CUDA graphs (compile_mode=reduce-overhead) the next chunk's forward starts
+        # a new generation, which may overwrite this output's memory.
+        outputs.append(output.detach().clone())
         total = total + loss.detach() * (len(yc) / len(y))
     return torch.cat(outputs), total
 
