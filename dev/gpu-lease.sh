@@ -60,7 +60,9 @@ stage)
     for BENCH in "res_512_d" "res_512_d --set compile=true --set compile_mode=reduce-overhead" \
             "res_512_d --set compile=true" "fast94"; do
         [ $(left) -gt 30 ] || break
-        timeout -s TERM $(( $(left) - 5 )) python3 -m common bench --device cuda --experiment $BENCH \
+        # The logs say whether the three compiled models, timed in turns, recompile or re-record.
+        TORCH_LOGS=recompiles,perf_hints timeout -s TERM $(( $(left) - 5 )) \
+            python3 -m common bench --device cuda --experiment $BENCH \
             $DATA --record > "$LOGS/bench-${BENCH// /}.log" 2>&1
     done
     for f in $LOGS/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v "step/s" | tail -n 4; done
