@@ -646,7 +646,7 @@ def forward_backward(model, x, y, config, autocast):
         # a new generation, which may overwrite this output's memory.
         outputs.append(output.detach().clone())
         total = total + loss.detach() * (len(yc) / len(y))
-    return torch.cat(outputs), total
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), total  # one copy a chunk
 
 
 def augmented_batch(run, images, index):
