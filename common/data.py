@@ -5,6 +5,7 @@ a few batched tensor operations (one `grid_sample` for crop, flip and rotation w
 rotation), so no per-image PIL pipeline and no DataLoader workers feed the model.
 """
 import dataclasses
+import functools
 import hashlib
 import math
 import pickle
@@ -218,9 +219,15 @@ def stratified_subset(labels, size, seed, what="subset"):
 def normalize(images, mean, std):
     """uint8 or [0, 1] float images -> normalised float32."""
     images = images.float() / 255 if images.dtype == torch.uint8 else images
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    mean, std = channel_constants(tuple(mean), tuple(std), images.device)
     return (images - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def channel_constants(mean, std, device):
+    """Per-channel mean and std as (1, 3, 1, 1) tensors on `device`, made once: making them anew
+    for every batch would copy from host memory, which on a GPU waits for all queued work."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
 
 
 def augment(images, generator, crop_padding, flip, rotation_degrees, pad_mode="zeros", mirror=None):
@@ -321,11 +328,10 @@ def _affine_op(make):
 
 
 def _sharpen(x, m):
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5
-    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, 3, 3)
-    smooth = F.conv2d(F.pad(x, (1,) * 4, mode="replicate"), kernel, groups=x.shape[1])
-    return _blend(x, smooth, 1 + 0.9 * m)
+    # PIL's smoothing kernel, ones with a 5 at the centre over 13: the 3x3 sum plus 4 times the
+    # centre, with no kernel tensor to build on the device for every batch.
+    box_sum = 9 * F.avg_pool2d(F.pad(x, (1,) * 4, mode="replicate"), 3, stride=1)
+    return _blend(x, (box_sum + 4 * x) / 13, 1 + 0.9 * m)
 
 
 def _posterize(x, m):

@@ -368,14 +368,25 @@ class TrainingRun:
             self.average.model.load_state_dict(checkpoint["average"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["schedule"])
-        restore_rng_states(checkpoint["rng"], self.generators)
+        unfit = restore_rng_states(checkpoint["rng"], self.generators)
         device = self.data.train_images.device
         self.position = {k: v.to(device) if torch.is_tensor(v) else v
                          for k, v in checkpoint["position"].items()}
         self.history, self.info = checkpoint["history"], checkpoint["info"]
         self.info["status"] = "running"
         # info["git"] and info["device"] stay what the run started with; each resume records its own.
-        self.info["resumed"].append({"at": now(), "git": git_commit(), "device": device_name(device)})
+        resumed = {"at": now(), "git": git_commit(), "device": device_name(device)}
+        if unfit:
+            # A generator's state cannot move between kinds of device: new streams, drawn from
+            # the seed and the position, carry on; the run is then no longer an exact replay.
+            at = [self.config.seed, self.cluster.rank, self.position["epoch"], self.position["step"]]
+            for i, name in enumerate(unfit):
+                self.generators[name].manual_seed(int(np.random.SeedSequence([*at, i]).generate_state(1)[0]))
+            resumed["reseeded"] = unfit
+            print(f"note: the checkpoint's {' and '.join(unfit)} random streams belong to another kind of "
+                  f"device; new ones carry on from here, so this run will not be bit-identical to an "
+                  f"uninterrupted one", file=sys.stderr)
+        self.info["resumed"].append(resumed)
 
 
 def start_run(exp, config, folder, device, cluster, overwrite, resume):
@@ -716,14 +727,20 @@ def rng_states(generators):
 
 
 def restore_rng_states(states, generators):
+    """Put back what rng_states saved, as far as this machine allows: the GPUs it has, and the data
+    generators whose state fits this device (a CPU generator's differs from a CUDA one's). Returns
+    the names of the generators left as they were."""
+    unfit = [name for name, g in generators.items() if states[name].shape != g.get_state().shape]
     for name, generator in generators.items():
-        generator.set_state(states[name])
+        if name not in unfit:
+            generator.set_state(states[name])
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
     random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in states["python"]))
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return unfit
 
 
 # Where a run's data and device may differ between its start and its resume.

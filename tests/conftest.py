@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -40,6 +41,19 @@ def write_fake_cifar(root, seed=0):
     labels = np.arange(TEST_IMAGES) % 10
     write_batch(folder / "test_batch", images(labels), labels)
     return Path(root)
+
+
+def random_images(n=16, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def crop_offsets(crops, padded):
+    """For each crop, the (y, x) at which it lies in its own padded source, or None."""
+    size, room = crops.shape[-1], padded.shape[-1] - crops.shape[-1] + 1
+    return [next(((y, x) for y in range(room) for x in range(room)
+                  if torch.equal(crop, source[:, y:y + size, x:x + size])), None)
+            for crop, source in zip(crops, padded)]
 
 
 @pytest.fixture(scope="session")

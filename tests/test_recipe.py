@@ -12,18 +12,13 @@ from common.config import Config, UserError
 from common.experiments import EXPERIMENTS
 from common.history import read_history, write_seeds_summary
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
-                           model_from_config)
-from common.models import training_flops
+                           model_from_config, training_flops)
 from common.training import (SCHEDULES, WeightAverage, evaluate, forward_backward, make_optimizer,
                              make_schedule, parameter_groups, train, train_seeds)
+from conftest import crop_offsets, random_images
 
 # Small widths keep a CPU run of the fast94/best_5m recipes to seconds.
 TINY_NET = dict(widths=(8, 16, 16))
-
-
-def random_images(n=16, seed=0):
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- the architecture family
@@ -150,9 +145,8 @@ def test_per_step_schedules_step_per_batch_and_reach_their_end_at_the_last_step(
 def test_reflect_crop_is_a_shift_of_the_reflect_padded_image():
     images = random_images()
     out = cifar.augment(images, torch.Generator().manual_seed(0), 2, False, 0.0, "reflect")
-    padded = torch.nn.functional.pad(images.float() / 255, (2,) * 4, mode="reflect")
-    for image, source in zip(out, padded):  # each output is a crop of its own source
-        assert any(torch.equal(image, source[:, y:y + 32, x:x + 32]) for y in range(5) for x in range(5))
+    offsets = crop_offsets(out, torch.nn.functional.pad(images.float() / 255, (2,) * 4, mode="reflect"))
+    assert None not in offsets and len(set(offsets)) > 4  # crops of their own sources, at varied shifts
 
 
 def test_alternating_flip_flips_each_image_in_exactly_one_of_two_epochs():
@@ -189,17 +183,25 @@ def test_trivial_augment_keeps_images_apart_valid_and_seeded():
 
 @pytest.mark.parametrize("op", list(cifar.POLICY_OPS))
 def test_every_policy_op_keeps_the_shape_and_changes_the_image(op):
-    x = random_images(8).float() / 255
+    x = random_images(8).float() / 255 * 0.5 + 0.25  # low contrast, so that autocontrast has work
     out = cifar.POLICY_OPS[op](x, torch.linspace(-1, 1, 8)).clamp(0, 1)  # as trivial_augment clamps it
     assert out.shape == x.shape and torch.isfinite(out).all()
     if op != "identity":
         assert not torch.equal(out, x)
 
 
+def test_autocontrast_stretches_each_channel_to_the_full_range():
+    x = random_images(8).float() / 255 * 0.5 + 0.25
+    out = cifar.POLICY_OPS["autocontrast"](x, torch.zeros(8))
+    assert torch.allclose(out.amin((2, 3)), torch.zeros(8, 3)) and torch.allclose(out.amax((2, 3)), torch.ones(8, 3))
+
+
 @pytest.mark.parametrize("name", ["res_512_d", "fast94", "best_5m"])
 def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_path, tiny, monkeypatch):
     """Between progress reports no op reads a value back from the device (boolean indexing's
-    nonzero, .item()): on a GPU each one would stall the queue of work."""
+    nonzero, .item()) and no tensor is made from Python values (torch.tensor's lift_fresh: on a
+    GPU, a copy from pageable host memory that waits for the device): each would stall the queue
+    of work."""
     import types
 
     from torch.profiler import profile
@@ -213,10 +215,13 @@ def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_pat
     run = training.start_run(exp, config, tmp_path, torch.device("cpu"), Cluster(), overwrite=True,
                              resume=False)
     monkeypatch.setattr(training, "report_progress", lambda progress, position: None)
+    no_stop = types.SimpleNamespace(signal=None)
+    training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True), no_stop)
+    run.position.update(training.epoch_start_position(1))  # the second epoch: what every epoch does
     with profile() as prof:
-        training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True),
-                                 types.SimpleNamespace(signal=None))
-    assert {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}.isdisjoint(e.name for e in prof.events())
+        training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True), no_stop)
+    waits = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::lift_fresh"}
+    assert waits.isdisjoint(e.name for e in prof.events())
 
 
 # ---------------------------------------------------------------- evaluation: TTA, averaging
@@ -350,8 +355,17 @@ def test_a_seed_trained_later_joins_the_summary_and_unfinished_ones_do_not(tmp_p
     assert summary["final_test_acc"] == [first.final_test_acc, second.final_test_acc]
 
 
-def test_compile_wraps_the_training_model(tmp_path, tiny, monkeypatch):
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode: compiled.append(mode) or model)
+def test_compile_wraps_the_training_model_and_the_wrapper_is_what_trains(tmp_path, tiny, monkeypatch):
+    compiled, calls = [], []
+
+    class Compiled(nn.Module):  # stands for torch.compile's wrapper: counts the batches through it
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.model(x)
+    monkeypatch.setattr(torch, "compile", lambda model, mode: compiled.append(mode) or Compiled(model))
     train("res_512", out_dir=tmp_path, epochs=1, compile=True, compile_mode="reduce-overhead", **tiny)
-    assert compiled == ["reduce-overhead"]
+    assert compiled == ["reduce-overhead"] and sum(calls) == 200  # every training image, once

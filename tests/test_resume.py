@@ -108,6 +108,22 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp
     assert run.info["status"] == "complete" and len(run.history["test_acc"]) == 2
 
 
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_new_data_streams(tmp_path, tiny, monkeypatch, capsys):
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 6)
+        with pytest.raises(RunInterrupted):
+            train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state is: seed, offset
+    checkpoint["rng"].update(shuffle=cuda_state, augment=cuda_state, cuda=[cuda_state] * 2)
+    torch.save(checkpoint, path)
+    run = train("res_512", out_dir=tmp_path, epochs=2, resume=True, **tiny)
+    assert run.info["status"] == "complete" and len(run.history["test_acc"]) == 2
+    assert run.info["resumed"][0]["reseeded"] == ["shuffle", "augment"]
+    assert "will not be bit-identical" in capsys.readouterr().err
+
+
 def test_resume_needs_a_checkpoint(tmp_path, tiny):
     with pytest.raises(UserError, match="no checkpoint.pt to resume from"):
         train("res_512", out_dir=tmp_path, resume=True, **tiny)
@@ -171,7 +187,7 @@ def start_cli_run(folder, fake_data, *extra):
         stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, fake_data, tiny):
+def test_sigterm_to_the_command_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, fake_data, tiny):
     settings = ["--epochs", "3", "--batch-size", "4", "--seed", "2"]  # 50 steps an epoch
     folder = tmp_path / "stopped"
     process = start_cli_run(folder, fake_data, *settings)
