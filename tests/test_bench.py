@@ -89,6 +89,9 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     for name in ("res_512", "changing_optimisers/adam"):
         assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "complete"
         assert f"started {name} on cpu" in first.stdout and f"{name}: complete" in first.stdout
+    # two at a time: both started before either completed
+    assert max(first.stdout.index(f"started {n} on cpu") for n in ("res_512", "changing_optimisers/adam")) \
+        < first.stdout.index(": complete")
     again = cli(*args)
     assert again.returncode == 0 and "started" not in again.stdout  # both complete: skipped
     longer = cli("study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "2",

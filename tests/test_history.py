@@ -47,7 +47,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     def dies_mid_write(f):
         f.write(b"half a fi")
         raise RuntimeError("killed mid-write")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="killed mid-write"):
         replace_atomically(tmp_path / "a.txt", dies_mid_write)
     assert (tmp_path / "a.txt").read_text() == "complete\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -107,5 +107,11 @@ def test_multiply_adds_counts_the_convolutions_and_leaves_training_mode():
     model = build_model("res_512").train()
     macs = models.multiply_adds(model)
     assert model.training
-    stem = 64 * 3 * 7 * 7 * 16 * 16  # the stem conv alone: 7x7x3 per output at 16x16
-    assert stem < macs < 100_000_000
+    def conv(c_in, c_out, k, side):  # multiply-adds of a k x k convolution with a side x side output
+        return c_in * c_out * k * k * side * side
+    expected = (conv(3, 64, 7, 16)                                    # stem; max-pool to 8x8
+                + 6 * conv(64, 64, 3, 8)                              # 64 x 3 blocks
+                + conv(64, 128, 3, 4) + conv(64, 128, 1, 4) + 11 * conv(128, 128, 3, 4)  # 128 x 6, /2
+                + conv(128, 512, 3, 2) + conv(128, 512, 1, 2) + conv(512, 512, 3, 2)    # 512 x 1, /2
+                + 512 * 10)                                           # the linear head
+    assert macs == expected

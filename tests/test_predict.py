@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import UserError
+from common.config import CIFAR10_MEAN, CIFAR10_STD_SEED, UserError
 from common.data import load_cifar10
+from common.models import build_model
 from common.predict import load_trained_model, predict, read_pickled_images
 from common.training import train
 
@@ -75,19 +76,35 @@ def test_ids_keep_their_order(trained, test_images, tmp_path):
     assert [int(r[0]) for r in read_csv(tmp_path / "p.csv")[1:]] == ids
 
 
+def logits_by_hand(folder, images, flips_and_shifts=False):
+    """The run's logits for uint8 `images`, computed apart from predict: res_block rebuilt without
+    its softmax and model.pt loaded; with `flips_and_shifts`, the weighted mean over the image and
+    its mirror (1/2 for the pair) and both pairs shifted by one pixel, reflect-padded (1/4 each)."""
+    model = build_model("res_block", softmax_output=False).eval()
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD_SEED))
+    x = (torch.from_numpy(images).float() / 255 - mean) / std
+    with torch.no_grad():
+        if not flips_and_shifts:
+            return model(x)
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        pairs = [(1 / 2, x), (1 / 4, padded[..., :32, :32]), (1 / 4, padded[..., 2:, 2:])]
+        return sum(w * (model(v) + model(v.flip(-1))) / 2 for w, v in pairs)
+
+
 def test_ensemble_of_one_is_that_run_and_probabilities_are_written(trained, test_images, tmp_path):
     images, _ = test_images
     path = write_pickle(tmp_path / "x.pkl", {b"data": images.reshape(-1, 3072)})
     one = predict([trained.folder], path, probs=tmp_path / "probs.csv", device="cpu")
     two = predict([trained.folder, trained.folder], path, device="cpu")
-    model, config = load_trained_model(trained.folder, torch.device("cpu"))
-    from common.data import normalize
-    with torch.no_grad():
-        direct = model.eval()(normalize(torch.from_numpy(images), config.mean, config.std)).argmax(1)
-    assert torch.equal(one.labels, direct) and torch.allclose(one.probabilities, two.probabilities)
+    # res_block trained with a softmax output: predict must take it off before its own softmax.
+    expected = logits_by_hand(trained.folder, images).softmax(1)
+    assert torch.allclose(one.probabilities, expected, atol=1e-5)
+    assert torch.equal(one.labels, expected.argmax(1)) and torch.allclose(one.probabilities, two.probabilities)
     rows = read_csv(tmp_path / "probs.csv")
     assert rows[0][:3] == ["ID", "airplane", "automobile"] and len(rows[1]) == 11
     assert abs(sum(float(v) for v in rows[1][1:]) - 1) < 1e-4
+    assert [float(v) for v in rows[1][1:]] == pytest.approx(expected[0].tolist(), abs=1e-5)
 
 
 def test_an_ensemble_averages_its_runs_softmax_outputs(trained, fake_data, tmp_path):
@@ -100,12 +117,13 @@ def test_an_ensemble_averages_its_runs_softmax_outputs(trained, fake_data, tmp_p
     assert torch.allclose(both, (a + b) / 2, atol=1e-6)
 
 
-def test_tta_averages_views(trained, fake_data):
+def test_tta_averages_the_logits_of_flipped_and_shifted_views(trained, test_images, fake_data):
+    images, _ = test_images
     batch = fake_data / "cifar-10-batches-py" / "test_batch"
-    plain = predict([trained.folder], batch, device="cpu")
     tta = predict([trained.folder], batch, tta=True, device="cpu")
-    assert tta.probabilities.shape == plain.probabilities.shape
-    assert not torch.equal(tta.probabilities, plain.probabilities)
+    expected = logits_by_hand(trained.folder, images, flips_and_shifts=True).softmax(1)
+    assert torch.allclose(tta.probabilities, expected, atol=1e-5)
+    assert not torch.allclose(tta.probabilities, logits_by_hand(trained.folder, images).softmax(1), atol=1e-5)
 
 
 def test_image_folder_matches_the_pickle(trained, test_images, tmp_path, capsys):
