@@ -9,7 +9,7 @@ import torch
 from common.config import CIFAR10_MEAN, CIFAR10_STD_SEED, UserError
 from common.data import load_cifar10
 from common.models import build_model
-from common.predict import load_trained_model, predict, read_pickled_images
+from common.predict import predict, read_pickled_images
 from common.training import train
 
 
