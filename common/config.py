@@ -5,6 +5,7 @@ with keyword arguments, `--epochs` style flags, or `--set key=value`.
 """
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class Config:
              f"micro_batch must be at least 1, got {self.micro_batch}"),
             (self.subset is None or self.subset >= 10,
              f"subset must be at least 10 images (one per class), got {self.subset}"),
-            (self.crop_padding >= 0, f"crop_padding must not be negative, got {self.crop_padding}"),
+            (0 <= self.crop_padding < 32, f"crop_padding must be in [0, 32) pixels, got {self.crop_padding}"),
             (self.pad_mode in ("zeros", "reflect"), f"pad_mode is zeros or reflect, got {self.pad_mode!r}"),
             (0 <= self.cutout <= 32, f"cutout is a square's side in [0, 32] pixels, got {self.cutout}"),
             (self.averaging in ("none", "ema", "lookahead"),
@@ -157,6 +158,8 @@ def checked(name, annotation, value):
     if not is_a(value, base) or (item is not None and not all(is_a(v, item) for v in value)):
         expected = f"a list of {item.__name__}s" if item else f"{article(base.__name__)} {base.__name__}"
         raise UserError(f"{name} expects {expected}{' or null' if None in kinds else ''}, got {value!r}")
+    if not all(math.isfinite(v) for v in (value if item is not None else [value]) if isinstance(v, float)):
+        raise UserError(f"{name} expects finite numbers, got {value!r}")
     if item is not None:
         return tuple(item(v) for v in value)
     return base(value)
@@ -193,7 +196,7 @@ def parse_setting(config, text):
     key, sep, raw = text.partition("=")
     if not sep:
         raise UserError(f"--set expects key=value, got {text!r}")
-    if not hasattr(config, key):
+    if key not in FIELD_TYPES:  # not a method's or property's name either
         config.replace(**{key: None})  # raises the unknown-setting message
     try:
         value = json.loads(raw)

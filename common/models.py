@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UserError
+from .config import UserError, one_line
 
 PARAMETER_BUDGET = 5_000_000
 
@@ -299,10 +299,17 @@ def model_from_config(config):
 
 def meta_model(config):
     """A config's model on the meta device: shapes only, no weights allocated or initialised, in
-    milliseconds. Building it checks every model option and the parameter budget, so train, bench
-    and study call it before anything slow (the data) starts."""
+    milliseconds. Building it and passing a batch of shapes through it check every model option,
+    the parameter budget and that a 32x32 image fits (five max-pools shrink it to nothing), so
+    train, bench and study call it before anything slow (the data) starts."""
     with torch.device("meta"):
-        return model_from_config(config)
+        model = model_from_config(config)
+        try:
+            model(torch.empty(2, 3, 32, 32))
+        except RuntimeError as e:
+            raise UserError(f"{config.architecture} with these settings cannot take a 32x32 image: "
+                            f"{one_line(e)}") from None
+    return model
 
 
 def summary(config, batch_size=None):

@@ -86,6 +86,8 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["bench", "--experiment", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1"),
     (["study", "fast94", "--set", "widths=[0,8,8]"], "widths must be at least 1"),
     (["train", "fast94", "--set", "cutout=33"], "cutout is a square's side in \\[0, 32\\] pixels"),
+    (["train", "fast94", "--set", "widths=[8,8,8,8,8]", "--set", "blocks=[0,0,0,0,0]"],
+     "cifar_resnet with these settings cannot take a 32x32 image"),
     (["train", "res_512_d", "--set", "momentum=-1"], "momentum must not be negative"),
     (["train", "res_512_d", "--set", "weight_decay=-1"], "weight_decay must not be negative"),
     (["train", "res_512_d", "--set", "std=[0,0,0]"], "std must be positive"),
@@ -135,6 +137,18 @@ def test_settings_are_read_as_json_and_converted_to_their_fields_types():
     assert Config(data_dir=REPO / "data").data_dir == str(REPO / "data")  # and a folder's Path a str
     with pytest.raises(UserError, match="epochs expects an int, got True"):
         Config(epochs=True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("replace=1", "unknown setting replace"),  # a method of Config, not a setting
+    ("scaled_lr=1", "unknown setting scaled_lr"),
+    ("lr=NaN", "lr expects finite numbers, got nan"),
+    ("mean=[0.5,Infinity,0.5]", "mean expects finite numbers"),
+    ("crop_padding=32", "crop_padding must be in \\[0, 32\\) pixels"),
+])
+def test_bad_settings_are_refused_by_name(text, message):
+    with pytest.raises(UserError, match=message):
+        Config().replace(**parse_settings(Config(), [text]))
 
 
 def test_charts_command(tmp_path):
