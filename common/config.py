@@ -203,3 +203,20 @@ def parse_setting(config, text):
     except json.JSONDecodeError:
         value = raw
     return key, checked(key, FIELD_TYPES[key], value)
+
+
+# Where a run's data and device may differ between its start and its resume.
+LOCATION_SETTINGS = {"data_dir", "download", "device"}
+
+
+def differing_settings(saved, config):
+    """The settings, but for where the run ran (LOCATION_SETTINGS), in which a saved config (a
+    checkpoint's or run.json's dict) differs from `config`."""
+    saved = {**Config().to_dict(), **saved}  # a field newer than the saved config had its default then
+    current = config.to_dict()
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
+
+
+def normalise(value):
+    return list(value) if isinstance(value, tuple) else value

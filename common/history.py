@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError, one_line
+from .config import UserError, differing_settings, one_line
 
 try:
     import fcntl
@@ -318,18 +318,21 @@ def final_test_acc(info, history):
     return final["test_acc"] if final else history["test_acc"][-1]
 
 
-def write_seeds_summary(folder):
+def write_seeds_summary(folder, config=None):
     """Write SEEDS_FILE for the multi-seed group in `folder` from every complete seed<N>/ run in it
-    (also those of earlier commands): each one's final test accuracy (its end-of-run evaluation
-    where it has one), their mean and sample standard deviation. Returns the summary."""
+    (also those of earlier commands) trained with `config`'s settings but for the seed (all, without
+    a config): each one's final test accuracy (its end-of-run evaluation where it has one), their
+    mean and sample standard deviation (null for one seed). Returns the summary."""
     runs = [(f, read_run_info(f)) for f in seed_folders(folder)]
-    runs = [(f, info) for f, info in runs if info.get("status") == "complete"]
+    runs = [(f, info) for f, info in runs if info.get("status") == "complete" and (
+        config is None or not differing_settings(info.get("config", {}), config.replace(seed=info["seed"])))]
     if not runs:
-        raise UserError(f"{folder} holds no complete seed<N>/ run to summarise")
+        raise UserError(f"{folder} holds no complete seed<N>/ run{' of these settings' if config else ''} "
+                        f"to summarise")
     accuracies = [final_test_acc(info, read_history(f)) for f, info in runs]
     summary = {"experiment": runs[0][1]["experiment"], "seeds": [info["seed"] for _, info in runs],
                "final_test_acc": accuracies, "mean": statistics.fmean(accuracies),
-               "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+               "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                "folders": [f.name for f, _ in runs]}
     write_atomic(Path(folder) / SEEDS_FILE, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .config import differing_settings
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
 from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, read_run_info
-from .training import RunInterrupted, StopSignals, differing_settings
+from .training import RunInterrupted, StopSignals
 
 LOG_FILE = "train.log"
 WINDOWS = os.name == "nt"

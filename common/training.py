@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as cifar
-from .config import NULLABLE, Config, UserError
+from .config import NULLABLE, Config, UserError, differing_settings
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
@@ -278,7 +278,7 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     at the end, and returns the Run. `resume` continues from the folder's checkpoint exactly where
     it stopped. Under torchrun, trains data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
-    config = exp.config.replace(**{k: v for k, v in overrides.items() if v is not None or k in NULLABLE})
+    config = configured(exp, overrides)
     meta_model(config)  # a bad model option or an over-budget model fails before any data loads
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
@@ -291,25 +291,39 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
         cluster.close()
 
 
-def train_seeds(experiment, seeds, first_seed=0, out_dir=None, resume=False, **kwargs):
+def configured(exp, overrides):
+    """The experiment's config with `overrides`, None meaning "not given" but for fields that can
+    be None."""
+    return exp.config.replace(**{k: v for k, v in overrides.items() if v is not None or k in NULLABLE})
+
+
+def train_seeds(experiment, seeds, first_seed=0, out_dir=None, resume=False, overwrite=False, **overrides):
     """`train` once per seed first_seed, first_seed + 1, ... into seed<N>/ subfolders of the
-    experiment's folder (or `out_dir`), then summarise every complete seed there in seeds.json
-    (history.write_seeds_summary). With `resume`, a complete seed is kept, an unfinished one
-    continued from its checkpoint and one without a checkpoint started. Returns the runs trained."""
+    experiment's folder (or `out_dir`), then summarise in seeds.json every complete seed there
+    trained with these settings, also by earlier commands (history.write_seeds_summary). With
+    `resume`, a complete seed of these settings is kept, a seed with a checkpoint continued from it
+    (refused, naming them, where its settings differ) and one without a checkpoint started.
+    Returns the runs trained."""
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
-    folder = Path(out_dir) if out_dir is not None else get_experiment(experiment).folder
+    exp = get_experiment(experiment)
+    config = configured(exp, overrides)
+    folder = Path(out_dir) if out_dir is not None else exp.folder
     runs = []
     for seed in range(first_seed, first_seed + seeds):
         seed_folder = folder / f"seed{seed}"
-        if resume and read_run_info(seed_folder).get("status") == "complete":
+        info = read_run_info(seed_folder)
+        if resume and info.get("status") == "complete" and \
+                not differing_settings(info.get("config", {}), config.replace(seed=seed)):
             print(f"{seed_folder}: complete, kept")
             continue
-        runs.append(train(experiment, out_dir=seed_folder, seed=seed,
-                          resume=resume and (seed_folder / CHECKPOINT_FILE).is_file(), **kwargs))
-    summary = write_seeds_summary(folder)
+        runs.append(train(experiment, out_dir=seed_folder, seed=seed, overwrite=overwrite,
+                          resume=resume and (seed_folder / CHECKPOINT_FILE).is_file(), **overrides))
+    summary = write_seeds_summary(folder, config)
+    spread = (f"± {100 * summary['std']:.2f} (sample std; seeds {summary['seeds']})" if summary["std"] is not None
+              else f"(seed {summary['seeds'][0]} alone: no spread)")
     print(f"{experiment} over {len(summary['seeds'])} seed(s): final test accuracy {100 * summary['mean']:.2f}% "
-          f"± {100 * summary['std']:.2f} (sample std; seeds {summary['seeds']}) -> {folder / SEEDS_FILE}")
+          f"{spread} -> {folder / SEEDS_FILE}")
     return runs
 
 
@@ -743,28 +757,11 @@ def restore_rng_states(states, generators):
     return unfit
 
 
-# Where a run's data and device may differ between its start and its resume.
-LOCATION_SETTINGS = {"data_dir", "download", "device"}
-
-
-def differing_settings(saved, config):
-    """The settings, but for where the run ran (LOCATION_SETTINGS), in which a saved config (a
-    checkpoint's or run.json's dict) differs from `config`."""
-    saved = {**Config().to_dict(), **saved}  # a field newer than the saved config had its default then
-    current = config.to_dict()
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
-
-
 def refuse_other_config(saved, config):
     differing = differing_settings(saved, config)
     if differing:
         raise UserError(f"the checkpoint was made with other settings ({', '.join(differing)}); "
                         f"resume with the same ones, or start afresh in another --out")
-
-
-def normalise(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def refuse_to_replace(folder, full_budget, overwrite):

@@ -355,6 +355,17 @@ def test_a_seed_trained_later_joins_the_summary_and_unfinished_ones_do_not(tmp_p
     assert summary["final_test_acc"] == [first.final_test_acc, second.final_test_acc]
 
 
+def test_a_seeds_summary_leaves_out_seeds_of_other_settings_and_gives_one_seed_no_spread(tmp_path, tiny, capsys):
+    train_seeds("res_512", 2, first_seed=0, out_dir=tmp_path, epochs=1, **tiny)
+    other, = train_seeds("res_512", 1, first_seed=2, out_dir=tmp_path, epochs=1, lr=0.05, **tiny)
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [2] and summary["final_test_acc"] == [other.final_test_acc]
+    assert summary["std"] is None and "(seed 2 alone: no spread)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"other settings \(lr\)"):  # seeds 0 and 1 kept, seed 2 not resumed
+        train_seeds("res_512", 3, first_seed=0, out_dir=tmp_path, epochs=1, resume=True, **tiny)
+    assert capsys.readouterr().out.count("complete, kept") == 2
+
+
 def test_compile_wraps_the_training_model_and_the_wrapper_is_what_trains(tmp_path, tiny, monkeypatch):
     compiled, calls = [], []
 
