@@ -97,6 +97,7 @@ def cmd_bench(args):
 
 
 def cmd_study(args):
+    from .data import ensure_cifar10
     from .models import meta_model
     from .study import finished, study
     from .training import resolve_device
@@ -115,6 +116,8 @@ def cmd_study(args):
         configs[name] = config.replace(**{**parse_settings(config, args.set),
                                           **{k: v for k, v in flags.items() if v is not None}})
         meta_model(configs[name])
+    # Once here, not by every run at once: parallel downloads into one folder would collide.
+    ensure_cifar10(args.data_dir, allow_download=not args.no_download)
     extra = [str(v) for key, value in flags.items() if value is not None
              for v in (f"--{key.replace('_', '-')}", value)]
     extra += ["--no-download"] * args.no_download + [v for text in args.set for v in ("--set", text)]

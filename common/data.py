@@ -186,13 +186,19 @@ def download(folder):
                         f"({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
 
 
-def load_cifar10(data_dir=None, allow_download=True):
+def ensure_cifar10(data_dir=None, allow_download=True):
+    """The batches folder of `data_dir`, downloaded first where it is missing and allowed."""
     folder = batches_folder(data_dir)
     if not folder.is_dir():
         if not allow_download:
             raise UserError(f"no CIFAR-10 at {folder}; drop --no-download to fetch it, or "
                             f"{OFFLINE_HINT}")
         download(folder)
+    return folder
+
+
+def load_cifar10(data_dir=None, allow_download=True):
+    folder = ensure_cifar10(data_dir, allow_download)
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     test_images, test_labels, _ = read_batch(folder / TEST_FILE)
     train_images = np.concatenate([images for images, _, _ in train])

@@ -343,8 +343,8 @@ def read_run_info(folder):
     if not path.is_file():
         return {}
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        info = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
         raise RunFolderError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict):
         raise RunFolderError(f"{path}: expected a JSON object")

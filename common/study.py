@@ -75,7 +75,12 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
                 for slot, device in enumerate(slots):
                     if slot not in running and queue:
                         name, folder, _, resume = queue.pop(0)
-                        running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
+                        try:
+                            running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
+                        except OSError as e:  # a file where its folder should be, a read-only disk
+                            outcomes[name] = f"not started: {folder} cannot be its run folder ({e.strerror})"
+                            tqdm.write(f"{name}: {outcomes[name]}")
+                            continue
                         tqdm.write(f"started {name} on {device}" + (" (resuming)" if resume else ""))
                 time.sleep(poll_seconds)
                 for slot, (name, folder, process) in list(running.items()):

@@ -500,6 +500,7 @@ def run_epochs(run):
                 finished = train_one_epoch(run, autocast, progress, stop)
                 position["seconds"] = time.perf_counter() - epoch_start
                 if not finished:
+                    raise_if_non_finite(position)  # no NaN weights over the last good checkpoint
                     info["status"] = "interrupted"
                     # The partial epoch's time too: a resume counts on from the checkpoint's wall time.
                     info["wall_seconds"] = round(time.perf_counter() - session_start, 3)
@@ -688,12 +689,16 @@ def augmented_batch(run, images, index):
     return cifar.cutout(x, generator, config.cutout) if config.cutout else x
 
 
-def report_progress(progress, position):
+def raise_if_non_finite(position):
     bad = position["first_bad_step"].item()
     if bad >= 0:
         raise TrainingError(f"training loss became non-finite in epoch {position['epoch'] + 1}, step "
                             f"{bad + 1}; the run folder keeps the {position['epoch']} finished "
                             f"epoch(s) and their checkpoint")
+
+
+def report_progress(progress, position):
+    raise_if_non_finite(position)
     progress.set_postfix_str(f"epoch {position['epoch'] + 1} loss "
                              f"{position['loss_sum'].item() / position['seen']:.4f} acc "
                              f"{100 * position['correct'].item() / position['seen']:.2f}%", refresh=False)

@@ -101,10 +101,14 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     assert json.loads((tmp_path / "res_512" / "run.json").read_text())["epochs_done"] == 2
 
     broken = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path / "b",
-                 "--epochs", "1", "--data-dir", tmp_path / "nowhere", "--no-download")
-    assert broken.returncode == 2
-    assert "res_block: failed (exit 2): error: no CIFAR-10 at" in broken.stdout
+                 "--epochs", "1", "--subset", "5000", "--data-dir", fake_data, "--no-download")
+    assert broken.returncode == 2  # each run fails on its own (200 images here), and both are tried
+    assert "res_block: failed (exit 2): error: subset of 5000 images" in broken.stdout
     assert "2 of 2 experiment(s) did not complete: res_512, res_block" in broken.stderr
+    nowhere = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path / "c",
+                  "--data-dir", tmp_path / "nowhere", "--no-download")
+    assert nowhere.returncode == 2 and "no CIFAR-10 at" in nowhere.stderr  # found out once, up front
+    assert "started" not in nowhere.stdout
 
 
 def test_study_skips_an_experiment_whose_twin_earlier_in_it_runs_the_same_settings(tmp_path):
@@ -134,6 +138,15 @@ def test_study_leaves_a_folder_held_by_another_run_alone(tmp_path):
         outcomes = study({"res_512": EXPERIMENTS["res_512"].config}, out_root=tmp_path)
     assert outcomes == {"res_512": f"not started: its folder is in use by another run (pid {os.getpid()})"}
     assert not finished(outcomes["res_512"]) and log.read_text() == "the other run's output\n"
+
+
+def test_study_reports_a_run_whose_folder_cannot_be_made_as_not_started(tmp_path):
+    from common.experiments import EXPERIMENTS
+    from common.study import finished, study
+    (tmp_path / "res_512").write_text("a file where the run folder should be")
+    outcomes = study({"res_512": EXPERIMENTS["res_512"].config}, out_root=tmp_path)
+    assert outcomes["res_512"].startswith(f"not started: {tmp_path / 'res_512'} cannot be its run folder (")
+    assert not finished(outcomes["res_512"])
 
 
 def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake_data):

@@ -88,9 +88,10 @@ def test_missing_history_file_is_named(tmp_path):
 
 def test_run_info_must_be_a_json_object(tmp_path):
     assert read_run_info(tmp_path) == {}
-    (tmp_path / "run.json").write_text("{broken")
-    with pytest.raises(RunFolderError, match="not valid JSON"):
-        read_run_info(tmp_path)
+    for broken in (b"{broken", b"{\"a\": \"\xff\"}"):  # half a file; bytes that are not UTF-8
+        (tmp_path / "run.json").write_bytes(broken)
+        with pytest.raises(RunFolderError, match="not valid JSON"):
+            read_run_info(tmp_path)
 
 
 def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable(tmp_path):

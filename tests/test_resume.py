@@ -160,8 +160,11 @@ class NaNAfter(nn.Module):
         return out * float("nan") if self.calls > self.good else out
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("stop_step", [None, 7], ids=["no-stop", "stopped-before-the-next-report"])
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, tiny, monkeypatch, stop_step):
     monkeypatch.setattr(training, "model_from_config", lambda config: NaNAfter(good=5))
+    if stop_step:  # a stop must not save the NaN weights over the last good checkpoint
+        interrupt_at_step(monkeypatch, stop_step)
     with pytest.raises(training.TrainingError, match="in epoch 2, step 2; the run folder keeps the 1"):
         train("res_512", out_dir=tmp_path, epochs=3, **tiny)
     assert len((tmp_path / "test_acc_history.txt").read_text().splitlines()) == 1
