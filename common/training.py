@@ -423,6 +423,10 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
     test = (data.test_images.to(device), data.test_labels.to(device))
     if config.val:
         data = hold_out(data, config.val, config.seed)
+    last_batch = len(data.train_labels) % config.batch_size
+    if 0 < last_batch < cluster.world_size:  # a rank with no image would step on a NaN loss
+        raise UserError(f"each epoch's last batch holds {last_batch} image(s), fewer than the "
+                        f"{cluster.world_size} processes; change the batch size (or subset, or val)")
     data = data.to(device)
 
     torch.manual_seed(config.seed)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from common.distributed import Cluster
@@ -16,6 +17,16 @@ def test_ranks_take_disjoint_shards_that_cover_the_batch():
     shards = [Cluster(rank, rank, 3).shard(batch) for rank in range(3)]
     assert torch.equal(torch.cat(shards), batch)
     assert torch.equal(Cluster().shard(batch), batch)
+
+
+def test_a_last_batch_smaller_than_the_number_of_processes_is_refused_before_training(tmp_path, tiny):
+    from common import training
+    from common.config import UserError
+    from common.experiments import EXPERIMENTS
+    config = EXPERIMENTS["res_512"].config.replace(**{**tiny, "batch_size": 199})  # 200 images: 199 + 1
+    with pytest.raises(UserError, match="last batch holds 1 image\\(s\\), fewer than the 2 processes"):
+        training.start_run(EXPERIMENTS["res_512"], config, tmp_path, torch.device("cpu"), Cluster(0, 0, 2),
+                           overwrite=False, resume=False)
 
 
 def test_torchrun_trains_data_parallel_and_only_rank_0_writes(tmp_path, fake_data):
