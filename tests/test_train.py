@@ -153,7 +153,7 @@ def test_a_fresh_start_leaves_none_of_the_last_runs_files(tmp_path, tiny):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_size": 0}, "batch_size must be at least 1"), ({"lr": 0}, "lr must be positive"),
-    ({"micro_batch": 0}, "micro_batch must be at least 1"), ({"crop_padding": -1}, "crop_padding must not"),
+    ({"micro_batch": 0}, "micro_batch must be at least 1"), ({"crop_padding": -1}, "crop_padding must be in"),
     ({"ema_decay": 1.0}, "ema_decay must be in"), ({"label_smoothing": 1.0}, "label_smoothing must be in"),
     ({"warmup": 1.0}, "warmup must be a fraction"), ({"lr_batch_size": 0}, "lr_batch_size must be at least 1"),
     ({"mean": (0.5, 0.5)}, "mean and std need three values"), ({"epochs": 2.5}, "epochs expects an int"),
