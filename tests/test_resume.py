@@ -94,13 +94,17 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
         train("res_512", out_dir=tmp_path, resume=True, epochs=2, lr=0.05, **tiny)
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path, tiny, monkeypatch):
+def checkpoint_mid_epoch_2(folder, tiny, monkeypatch):
+    """(path, contents) of the checkpoint of a 2-epoch res_512 run stopped at its sixth step."""
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 6)
         with pytest.raises(RunInterrupted):
-            train("res_512", out_dir=tmp_path, epochs=2, **tiny)
-    path = tmp_path / "checkpoint.pt"
-    checkpoint = torch.load(path, weights_only=True)
+            train("res_512", out_dir=folder, epochs=2, **tiny)
+    return folder / "checkpoint.pt", torch.load(folder / "checkpoint.pt", weights_only=True)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path, tiny, monkeypatch):
+    path, checkpoint = checkpoint_mid_epoch_2(tmp_path, tiny, monkeypatch)
     for newer in ("cutout", "averaging", "tta"):  # as an older version of the code saved it
         del checkpoint["config"][newer]
     torch.save(checkpoint, path)
@@ -109,12 +113,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp
 
 
 def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_new_data_streams(tmp_path, tiny, monkeypatch, capsys):
-    with monkeypatch.context() as patch:
-        interrupt_at_step(patch, 6)
-        with pytest.raises(RunInterrupted):
-            train("res_512", out_dir=tmp_path, epochs=2, **tiny)
-    path = tmp_path / "checkpoint.pt"
-    checkpoint = torch.load(path, weights_only=True)
+    path, checkpoint = checkpoint_mid_epoch_2(tmp_path, tiny, monkeypatch)
     cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state is: seed, offset
     checkpoint["rng"].update(shuffle=cuda_state, augment=cuda_state, cuda=[cuda_state] * 2)
     torch.save(checkpoint, path)
