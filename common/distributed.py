@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from .config import UserError
 
+STOP_CHECK_STEPS = 20
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -56,6 +58,14 @@ class Cluster:
         if self.world_size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def stop_requested(self, flag, step):
+        """Whether to stop before `step`, the same answer on every rank. One process answers at once;
+        ranks agree every STOP_CHECK_STEPS steps, since agreeing is a collective and, on GPUs, a wait
+        for the device that would otherwise come every step."""
+        if self.world_size == 1:
+            return flag
+        return step % STOP_CHECK_STEPS == 0 and self.any(flag)
 
     def any(self, flag):
         """True on every rank if any rank's flag is, so all ranks stop at the same step."""

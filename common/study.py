@@ -9,7 +9,8 @@ an earlier one's in the same study (changing_optimisers/sgd's are changing_activ
 skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
 the epochs of them all.
 SIGINT or SIGTERM to the study (Ctrl+C or Ctrl+Break on Windows) stops every run it started,
-each after saving its checkpoint, so that the same command resumes them all.
+each after saving its checkpoint, so that the same command resumes them all. The runs are in
+process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
 """
 import itertools
 import os
@@ -126,8 +127,12 @@ def launch(name, folder, device, extra_args, resume):
     # The caller's working directory, so relative --data-dir and --out-root mean the same to both.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}
-    # On Windows a run in its own process group can be sent Ctrl+Break (see ask_to_stop).
-    group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS else {}
+    # Each run in its own process group: a Ctrl+C at the terminal then reaches the study alone,
+    # which asks each run to stop once (ask_to_stop). Were the runs in the study's group, they
+    # would get the SIGINT too and might end, restoring the default handlers, just as the study's
+    # SIGTERM arrives and kills them mid-exit. On Windows the group can be sent Ctrl+Break.
+    group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS
+             else {"start_new_session": True})
     with open(folder / LOG_FILE, "a" if resume else "w") as log:  # a resumed run's log keeps its start
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **group)
 

@@ -637,7 +637,7 @@ def train_one_epoch(run, autocast, progress, stop):
     order, steps = position["order"], run.steps_per_epoch
     last_report = time.monotonic()
     for step in range(position["step"], steps):
-        if run.cluster.any(stop.signal is not None):
+        if run.cluster.stop_requested(stop.signal is not None, step):
             return False
         index = run.cluster.shard(order[step * config.batch_size:(step + 1) * config.batch_size])
         x = prepare(augmented_batch(run, images, index), config)
@@ -731,7 +731,8 @@ class StopSignals:
         return self
 
     def request(self, number, frame):
-        self.signal = signal.Signals(number)
+        if self.signal is None:  # the first request is the one that stopped the run
+            self.signal = signal.Signals(number)
 
     def __exit__(self, *exc):
         for number, handler in self.previous.items():

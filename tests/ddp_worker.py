@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: trains a tiny run and records, per rank, the
-training indices each step used and a checksum of the weights after each step."""
+training indices each step used, a checksum of the weights after each step, and how many times the
+ranks agreed on whether to stop."""
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ data_dir, out = sys.argv[1], Path(sys.argv[2])
 experiment = get_experiment("res_512")
 config = experiment.config.replace(epochs=2, batch_size=32, data_dir=data_dir, download=False, device="cpu")
 cluster = distributed.Cluster.from_environment("cpu")
-seen, checksums = [], []
-shard = distributed.Cluster.shard
+seen, checksums, stop_checks = [], [], []
+shard, any_rank = distributed.Cluster.shard, distributed.Cluster.any
 
 
 def recording_shard(self, index):
@@ -23,7 +24,12 @@ def recording_shard(self, index):
     return part
 
 
-distributed.Cluster.shard = recording_shard
+def counting_any(self, flag):
+    stop_checks.append(flag)
+    return any_rank(self, flag)
+
+
+distributed.Cluster.shard, distributed.Cluster.any = recording_shard, counting_any
 run = training.start_run(experiment, config, out, torch.device("cpu"), cluster, overwrite=False, resume=False)
 step = run.optimizer.step
 
@@ -36,5 +42,6 @@ def recording_step(*args, **kwargs):
 
 run.optimizer.step = recording_step
 training.run_epochs(run)
-(out / f"rank{cluster.rank}.json").write_text(json.dumps({"seen": seen, "checksums": checksums}))
+(out / f"rank{cluster.rank}.json").write_text(json.dumps({"seen": seen, "checksums": checksums,
+                                                         "stop_checks": len(stop_checks)}))
 cluster.close()

@@ -160,19 +160,22 @@ def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake
     assert "started" not in refused.stdout
 
 
-def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes_them(tmp_path, fake_data):
+def test_ctrl_c_stops_the_study_which_stops_each_run_once_and_the_same_command_resumes_them(tmp_path,
+                                                                                           fake_data):
     args = ["study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "3",
             "--batch-size", "4", "--data-dir", fake_data, "--no-download"]  # 50 steps an epoch
     study = subprocess.Popen([sys.executable, "-m", "common", *map(str, args)], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     folder = tmp_path / "res_512"
     wait_for_epochs(folder, 1, study)
-    study.send_signal(signal.SIGTERM)  # the study only, as `timeout` or a job scheduler would
+    os.killpg(study.pid, signal.SIGINT)  # as Ctrl+C at a terminal: to the study's whole process group
     stdout, stderr = study.communicate(timeout=60)
-    assert study.returncode == 143
+    assert study.returncode == 130
     assert "res_512: interrupted, checkpoint saved" in stdout
-    assert "study stopped by SIGTERM; the same command resumes" in stderr
+    assert "study stopped by SIGINT; the same command resumes" in stderr
+    log = (folder / "train.log").read_text()
+    assert "stopped by SIGTERM" in log and "SIGINT" not in log  # the study's one request, not the terminal's
     status = json.loads((folder / "run.json").read_text())  # final: the run ended with the study
     assert status["status"] == "interrupted" and status["epochs_done"] < 3
 
@@ -216,7 +219,7 @@ class FakeRun:
         self.calls.append(("terminate",))
 
 
-def test_on_windows_a_study_starts_each_run_in_its_own_group_and_stops_it_with_ctrl_break(tmp_path,
+def test_a_study_starts_each_run_in_its_own_group_and_stops_it_with_sigterm_or_ctrl_break(tmp_path,
                                                                                           monkeypatch):
     import common.study as study_module
     monkeypatch.setattr(study_module, "WINDOWS", True)
@@ -237,7 +240,8 @@ def test_on_windows_a_study_starts_each_run_in_its_own_group_and_stops_it_with_c
     on_posix = FakeRun()
     study_module.ask_to_stop(on_posix)
     study_module.launch("res_512", tmp_path / "res_512", "cpu", [], resume=False)
-    assert on_posix.calls == [("terminate",)] and "creationflags" not in started[1]  # SIGTERM
+    assert on_posix.calls == [("terminate",)]  # SIGTERM
+    assert started[1] == {**started[1], "start_new_session": True} and "creationflags" not in started[1]
 
 
 def test_a_folder_with_a_corrupt_run_json_is_run_afresh_beside_the_others(tmp_path, fake_data):

@@ -1,5 +1,6 @@
 """Data-parallel training through torchrun, on CPU with the gloo backend (2 processes)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from common.distributed import Cluster
+from common.distributed import STOP_CHECK_STEPS, Cluster
 from common.history import HISTORY_FILES
 from conftest import REPO
 
@@ -69,6 +70,9 @@ def test_each_image_once_per_epoch_identical_weights_and_metrics_near_one_proces
         used = [i for rank in ranks for part in rank["seen"][epoch * steps:(epoch + 1) * steps] for i in part]
         assert sorted(used) == list(range(200))
     assert ranks[0]["checksums"] == ranks[1]["checksums"] and len(ranks[0]["checksums"]) == 14
+    # Ranks agree on stopping at the first step of each STOP_CHECK_STEPS and at the end of an epoch,
+    # not at every step (on GPUs each agreement waits for the device).
+    assert ranks[0]["stop_checks"] == ranks[1]["stop_checks"] == 2 * (math.ceil(steps / STOP_CHECK_STEPS) + 1)
 
     # BatchNorm statistics are per rank, so not bit-equal; the training loss of each epoch (the
     # mean over all 200 images) stays close. Accuracies of 2 epochs on 200 images are too noisy.
