@@ -8,9 +8,9 @@ and a failure is reported without stopping the others. An experiment whose regis
 an earlier one's in the same study (changing_optimisers/sgd's are changing_activations/relu's) is
 skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
 the epochs of them all.
-SIGINT or SIGTERM to the study (Ctrl+C or Ctrl+Break on Windows) stops every run it started,
-each after saving its checkpoint, so that the same command resumes them all. The runs are in
-process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
+SIGINT, SIGTERM or SIGHUP to the study (Ctrl+C, a closed terminal; Ctrl+Break on Windows) stops
+every run it started, each after saving its checkpoint, so that the same command resumes them all.
+The runs are in process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
 """
 import itertools
 import os

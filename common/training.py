@@ -487,8 +487,8 @@ def make_generators(seed, rank, device):
 
 def run_epochs(run):
     """Train from the run's position to its last epoch; after each, evaluate, then save the
-    checkpoint, history and run.json. SIGINT/SIGTERM end the current step, save a checkpoint,
-    and stop the run with RunInterrupted."""
+    checkpoint, history and run.json. StopSignals (Ctrl-C, SIGTERM, SIGHUP) end the current step,
+    save a checkpoint and stop the run with RunInterrupted."""
     config, info, position = run.config, run.info, run.position
     autocast = autocast_for(run.data.train_images.device)
     steps_per_epoch = run.steps_per_epoch
@@ -717,16 +717,20 @@ class RunInterrupted(UserError):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM (and Windows's SIGBREAK, Ctrl+Break, which a study sends
-    its runs there) only set `signal`: the loop finishes its step, saves and stops, instead of dying
-    mid-write. Signals can only be caught in the main thread; elsewhere this does nothing."""
+    """While active, SIGINT and SIGTERM (and on POSIX SIGHUP, a closed terminal or ssh session,
+    unless nohup ignores it; Windows's SIGBREAK, Ctrl+Break, which a study sends its runs there)
+    only set `signal`: the loop finishes its step, saves and stops, instead of dying mid-write.
+    Signals can only be caught in the main thread; elsewhere this does nothing."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []))
+    SIGNALS = (signal.SIGINT, signal.SIGTERM,
+               *(getattr(signal, name) for name in ("SIGHUP", "SIGBREAK") if hasattr(signal, name)))
 
     def __enter__(self):
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
+                if number == getattr(signal, "SIGHUP", None) and signal.getsignal(number) == signal.SIG_IGN:
+                    continue  # started under nohup: the run goes on when the terminal closes, as asked
                 self.previous[number] = signal.signal(number, self.request)
         return self
 

@@ -1,4 +1,5 @@
 """Runs that survive: exact resume, signals, bad numbers, tampered checkpoints, locks."""
+import contextlib
 import json
 import os
 import signal
@@ -23,15 +24,15 @@ def histories_and_weights(folder):
     return texts, torch.load(folder / "model.pt", weights_only=True)
 
 
-def interrupt_at_step(monkeypatch, step):
-    """Deliver SIGINT during the `step`-th training step (1-based, counted over the run)."""
+def interrupt_at_step(monkeypatch, step, signal_number=signal.SIGINT):
+    """Deliver a signal during the `step`-th training step (1-based, counted over the run)."""
     calls = {"n": 0}
     augment = cifar.augment
 
     def augment_then_signal(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == step:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal_number)
         return augment(*args, **kwargs)
     monkeypatch.setattr(cifar, "augment", augment_then_signal)
 
@@ -86,6 +87,36 @@ def test_a_stop_mid_epoch_keeps_the_partial_epoch_in_the_wall_time_a_resume_coun
     partial = saved["position"]["seconds"]
     assert partial >= 1.0
     assert saved["info"]["wall_seconds"] >= sum(saved["info"]["epoch_seconds"]) + partial
+
+
+@contextlib.contextmanager
+def sighup_handled_by(handler):
+    previous = signal.signal(signal.SIGHUP, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX only")
+def test_a_closed_terminal_sighup_stops_the_run_with_its_checkpoint_like_sigterm(tmp_path, tiny, monkeypatch):
+    unhandled = []  # were SIGHUP not the run's, this handler would get it (not the default: ending pytest)
+    with sighup_handled_by(lambda number, frame: unhandled.append(number)):
+        interrupt_at_step(monkeypatch, 6, signal.SIGHUP)  # 4 steps an epoch: in epoch 2
+        with pytest.raises(RunInterrupted, match="stopped by SIGHUP at epoch 2.*--resume") as caught:
+            train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+    assert not unhandled and caught.value.exit_code == 128 + signal.SIGHUP
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(tmp_path)["position"]["epoch"] == 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX only")
+def test_under_nohup_a_sighup_stays_ignored_and_the_run_goes_on(tmp_path, tiny, monkeypatch):
+    with sighup_handled_by(signal.SIG_IGN):
+        interrupt_at_step(monkeypatch, 6, signal.SIGHUP)
+        run = train("res_512", out_dir=tmp_path, epochs=2, **tiny)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    assert run.info["status"] == "complete" and run.info["epochs_done"] == 2
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
