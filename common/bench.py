@@ -72,7 +72,7 @@ def model_and_step(config, device):
     torch.manual_seed(config.seed)
     model = prepare(model_from_config(config).to(device), config)
     optimizer = make_optimizer(model, config)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, config)
     train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     def step(x, y):
@@ -101,7 +101,7 @@ def ours_timer(experiment, config, device, steps, repeats, resources):
     folder = resources.enter_context(tempfile.TemporaryDirectory())
     run = start_run(get_experiment(experiment), config, Path(folder), device, Cluster(),
                     overwrite=True, resume=False)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, config)
     progress = resources.enter_context(tqdm(total=(repeats + 1) * steps, desc=f"bench {experiment} (ours)",
                                             leave=False))
     no_stop = types.SimpleNamespace(signal=None)

@@ -147,11 +147,10 @@ def predict(run_dirs, images, out=None, probs=None, tta=False, device="auto"):
     device = resolve_device(device)
     image_set = read_images(images)
     on_device = image_set.images.to(device)
-    autocast = autocast_for(device)
     probabilities = torch.zeros(len(image_set.ids), len(cifar.CLASSES))
     for run_dir in run_dirs:
         model, config = load_trained_model(run_dir, device)
-        logits = batched_logits(model, on_device, config, autocast, tta=tta)
+        logits = batched_logits(model, on_device, config, autocast_for(device, config), tta=tta)
         probabilities += logits.softmax(1).cpu() / len(run_dirs)
     result = Predictions(image_set.ids, probabilities, image_set.images, image_set.labels)
     if out is not None:

@@ -254,9 +254,13 @@ def evaluate(model, images, labels, config, autocast, tta=False):
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA (BatchNorm and the loss stay float32); a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def autocast_for(device, config):
+    """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
+    default on CUDA only: on a CPU it pays only where the CPU has bf16 instructions (AVX512-BF16,
+    AMX; results/bench.md), and elsewhere it is emulated, slower than float32."""
+    device = torch.device(device)
+    enabled = device.type == "cuda" if config.bf16 is None else config.bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def prepare(x, config):
@@ -490,7 +494,7 @@ def run_epochs(run):
     checkpoint, history and run.json. StopSignals (Ctrl-C, SIGTERM, SIGHUP) end the current step,
     save a checkpoint and stop the run with RunInterrupted."""
     config, info, position = run.config, run.info, run.position
-    autocast = autocast_for(run.data.train_images.device)
+    autocast = autocast_for(run.data.train_images.device, config)
     steps_per_epoch = run.steps_per_epoch
     progress = tqdm(total=config.epochs * steps_per_epoch,
                     initial=position["epoch"] * steps_per_epoch + position["step"], desc=run.exp.name,

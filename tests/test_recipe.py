@@ -216,10 +216,10 @@ def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_pat
                              resume=False)
     monkeypatch.setattr(training, "report_progress", lambda progress, position: None)
     no_stop = types.SimpleNamespace(signal=None)
-    training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True), no_stop)
+    training.train_one_epoch(run, training.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
     run.position.update(training.epoch_start_position(1))  # the second epoch: what every epoch does
     with profile() as prof:
-        training.train_one_epoch(run, training.autocast_for("cpu"), tqdm(disable=True), no_stop)
+        training.train_one_epoch(run, training.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
     waits = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::lift_fresh"}
     assert waits.isdisjoint(e.name for e in prof.events())
 

@@ -224,6 +224,20 @@ def test_the_memory_layout_is_a_setting_that_leaves_the_outputs_alone():
     assert torch.allclose(reordered(training.prepare(x, default)), model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16, dtype", [(None, torch.float32), (True, torch.bfloat16), (False, torch.float32)])
+def test_on_a_cpu_bf16_autocast_is_off_unless_asked_for(bf16, dtype):
+    conv = nn.Conv2d(3, 4, 3)
+    with training.autocast_for("cpu", Config(bf16=bf16)):
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == dtype
+
+
+def test_a_bf16_cpu_run_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny):
+    plain, bf16 = (train("res_512", out_dir=tmp_path / str(b), epochs=1, bf16=b, **tiny) for b in (None, True))
+    assert bf16.history != plain.history and all(math.isfinite(v) for v in bf16.history["train_loss"])
+    weights = torch.load(tmp_path / "True" / "model.pt", weights_only=True)
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
+
+
 def test_only_uncommitted_code_marks_a_run_dirty(tmp_path, monkeypatch):
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
