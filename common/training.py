@@ -256,8 +256,8 @@ def evaluate(model, images, labels, config, autocast, tta=False):
 
 def autocast_for(device, config):
     """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
-    default on CUDA only: on a CPU it pays only where the CPU has bf16 instructions (AVX512-BF16,
-    AMX; results/bench.md), and elsewhere it is emulated, slower than float32."""
+    default on CUDA only: on a CPU it is for one with bf16 instructions (AVX512-BF16, AMX;
+    results/bench.md has an AMD EPYC's figures); others emulate them."""
     device = torch.device(device)
     enabled = device.type == "cuda" if config.bf16 is None else config.bf16
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
