@@ -18,10 +18,7 @@ keep)
     mkdir -p .carry
     while sleep 60; do
         # checkpoint.pt is replaced atomically, so a copy taken now is one whole checkpoint
-        if [ -f "$run_dir/run.lock" ] && kill -0 "$(cat "$run_dir/run.lock")" 2>/dev/null; then
-        echo "$run_dir is in use by process $(cat "$run_dir/run.lock"): left as it is" >&2; exit 1
-    fi
-    if [ "$run_dir/checkpoint.pt" -nt "$carried" ]; then
+        if [ "$run_dir/checkpoint.pt" -nt "$carried" ]; then
             cp -p "$run_dir/checkpoint.pt" "$carried.tmp" && mv "$carried.tmp" "$carried"
         fi
     done ;;
