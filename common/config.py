@@ -54,7 +54,7 @@ class Config:
     epochs: int = 200
     batch_size: int = 128
     micro_batch: Optional[int] = None  # forward/backward in chunks of this size, gradients summed
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd, adam, adamw, adadelta, rmsprop, adagrad or muon (training.OPTIMIZERS)
     lr: float = 0.1
     lr_batch_size: Optional[int] = None  # lr is the rate at this batch size, scaled linearly to batch_size
     momentum: float = 0.0
@@ -62,6 +62,8 @@ class Config:
     weight_decay: float = 0.0
     decay_norm_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
     norm_lr_scale: float = 1.0  # BatchNorm parameters learn this much faster (same decay per step)
+    muon_lr: float = 0.24  # optimizer=muon: the conv filters' step size (muon.py; the rest uses lr)
+    muon_momentum: float = 0.6  # optimizer=muon: the conv filters' momentum (the rest uses momentum)
     label_smoothing: float = 0.0
     schedule: str = "cosine"  # see training.SCHEDULES
     warmup: float = 0.0  # fraction of the run spent warming up (warmup_cosine and triangle schedules)
@@ -117,6 +119,8 @@ class Config:
             (self.momentum >= 0, f"momentum must not be negative, got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must not be negative, got {self.weight_decay}"),
             (not self.nesterov or self.momentum > 0, "nesterov needs a positive momentum"),
+            (self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
+            (0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}"),
             (self.norm_lr_scale > 0, f"norm_lr_scale must be positive, got {self.norm_lr_scale}"),
             (self.lr_batch_size is None or self.lr_batch_size >= 1,
              f"lr_batch_size must be at least 1, got {self.lr_batch_size}"),

@@ -35,6 +35,7 @@ from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError,
                       write_history, write_run_info, write_seeds_summary)
 from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
+from .muon import Muon, muon_groups
 
 EVAL_BATCH_SIZE = 500
 
@@ -46,6 +47,7 @@ OPTIMIZERS = {
     "adadelta": lambda groups, c: torch.optim.Adadelta(groups),
     "rmsprop": lambda groups, c: torch.optim.RMSprop(groups, momentum=c.momentum),
     "adagrad": lambda groups, c: torch.optim.Adagrad(groups),
+    "muon": lambda groups, c: Muon(groups, momentum=c.momentum, nesterov=c.nesterov),  # see muon.py
 }
 
 
@@ -66,6 +68,13 @@ def triangle(t, warmup, start=0.2, end=0.07):
     return 1 - (1 - end) * (t - warmup) / (1 - warmup)
 
 
+def linear(t, warmup):
+    """Linear up from 0 to 1 at the end of the warm-up (none by default), then linear down to 0."""
+    if t < warmup:
+        return t / warmup
+    return (1 - t) / (1 - warmup)
+
+
 # name: (stepped once per "epoch" or per "step", multiplier of the learning rate at the fraction t
 # of the run done, given the warm-up's fraction of the run). The seed's cosine is stepped per epoch,
 # as CosineAnnealingLR(T_max=epochs) was.
@@ -74,6 +83,7 @@ SCHEDULES = {
     "constant": ("epoch", lambda t, warmup: 1.0),
     "warmup_cosine": ("step", warmup_cosine),
     "triangle": ("step", triangle),
+    "linear": ("step", linear),
 }
 
 
@@ -104,7 +114,10 @@ def parameter_groups(model, config):
 def make_optimizer(model, config):
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[config.optimizer](parameter_groups(model, config), config)
+    groups = parameter_groups(model, config)
+    if config.optimizer == "muon":
+        groups = muon_groups(model, groups, config)
+    return OPTIMIZERS[config.optimizer](groups, config)
 
 
 def make_schedule(optimizer, config, steps_per_epoch):

@@ -11,6 +11,7 @@ from common.charts import load_run, plot_run
 from common.config import Config, UserError
 from common.experiments import EXPERIMENTS
 from common.history import read_history, write_seeds_summary
+from common.muon import orthogonalise
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
                            model_from_config, training_flops)
 from common.training import (SCHEDULES, WeightAverage, evaluate, forward_backward, make_optimizer,
@@ -110,6 +111,56 @@ def test_learning_rate_scales_with_the_batch_size():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.375)
 
 
+@pytest.mark.parametrize("shape", [(16, 144), (144, 16)], ids=["wide", "tall"])
+def test_orthogonalise_evens_the_singular_values_and_keeps_the_singular_vectors(shape):
+    torch.manual_seed(0)
+    k = min(shape)
+    left, right = torch.linalg.qr(torch.randn(shape[0], k))[0], torch.linalg.qr(torch.randn(shape[1], k))[0]
+    matrix = 7 * left @ torch.diag(torch.logspace(0, -1, k)) @ right.T  # singular values from 7 to 0.7
+    out = orthogonalise(matrix)
+    singular_values = torch.linalg.svdvals(out)
+    assert out.shape == shape and out.dtype == matrix.dtype
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # Newton-Schulz's band, not exactly 1
+    core = left.T @ out @ right  # diagonal when the singular vectors are kept
+    assert (core - torch.diag(core.diagonal())).abs().max() < 0.05 * core.diagonal().min()
+
+
+def test_muon_orthogonalises_the_bias_free_conv_filters_and_steps_the_rest_as_sgd():
+    config = Config(architecture="cifar_resnet", optimizer="muon", lr=0.1, momentum=0.9, nesterov=True,
+                    weight_decay=1e-3, norm_lr_scale=8.0, muon_lr=0.05, muon_momentum=0.5)
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet", squeeze_excitation=True, **TINY_NET)
+    optimizer = make_optimizer(model, config)
+    filters, = [g for g in optimizer.param_groups if g["orthogonalise"]]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    assert {id(p) for p in filters["params"]} == {id(m.weight) for m in convs if m.bias is None}
+    assert any(m.bias is not None for m in convs)  # the squeeze-excitation gates stay with SGD
+    assert (filters["lr"], filters["momentum"], filters["weight_decay"]) == (0.05, 0.5, 0.0)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == count_parameters(model)
+
+    # A twin stepped by torch's SGD in the same groups, its filters copied from the model each step
+    twin = build_model("cifar_resnet", squeeze_excitation=True, **TINY_NET)
+    twin.load_state_dict(model.state_dict())
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    twins = dict(twin.named_parameters())
+    sgd = torch.optim.SGD([{**g, "params": [twins[name_of[id(p)]] for p in g["params"]]}
+                           for g in optimizer.param_groups if not g["orthogonalise"]], momentum=0.9, nesterov=True)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    for _ in range(3):
+        before = [p.detach().clone() for p in filters["params"]]
+        for net, opt in ((model, optimizer), (twin, sgd)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        for old, new in zip(before, filters["params"]):
+            step = (old * (len(old) ** 0.5 / old.norm()) - new).reshape(len(new), -1) / 0.05
+            assert torch.linalg.svdvals(step).max() < 1.5 and step.norm() > 0.3 * min(step.shape) ** 0.5
+        with torch.no_grad():
+            for p in filters["params"]:
+                twins[name_of[id(p)]].copy_(p)
+    assert all(torch.allclose(p, twins[n]) for n, p in model.named_parameters())
+
+
 def test_nesterov_reaches_the_optimizer_and_needs_momentum():
     assert make_optimizer(nn.Linear(2, 2), Config(momentum=0.9, nesterov=True)).param_groups[0]["nesterov"]
     with pytest.raises(UserError, match="nesterov needs a positive momentum"):
@@ -120,6 +171,7 @@ def test_nesterov_reaches_the_optimizer_and_needs_momentum():
     ("triangle", [(0, 0.2), (0.1, 0.6), (0.2, 1.0), (0.6, 1 - 0.93 / 2), (1.0, 0.07)]),
     ("warmup_cosine", [(0, 0.0), (0.1, 0.5), (0.2, 1.0), (0.6, 0.5), (1.0, 0.0)]),
     ("cosine", [(0, 1.0), (0.5, 0.5), (1.0, 0.0)]),
+    ("linear", [(0, 0.0), (0.1, 0.5), (0.2, 1.0), (0.6, 0.5), (1.0, 0.0)]),
 ])
 def test_schedule_shapes(name, points):
     multiplier = SCHEDULES[name][1]

@@ -39,10 +39,11 @@ def interrupt_at_step(monkeypatch, step, signal_number=signal.SIGINT):
 
 # fast94 adds what a resume must also restore: lookahead averaging across epochs, alternating
 # flips, a per-step schedule, the whitening fitted to the data; best_5m an EMA of the weights,
-# TrivialAugment, cutout and warm-up, here with micro-batches too.
+# TrivialAugment, cutout and warm-up, here with micro-batches too; Muon its momentum buffers.
 @pytest.mark.parametrize("experiment, extra", [("res_512_d", {}), ("fast94", {"widths": (8, 16, 16)}),
-                                               ("best_5m", {"widths": (8, 16, 16), "micro_batch": 32})],
-                         ids=["res_512_d", "fast94", "best_5m"])
+                                               ("best_5m", {"widths": (8, 16, 16), "micro_batch": 32}),
+                                               ("fast94", {"widths": (8, 16, 16), "optimizer": "muon"})],
+                         ids=["res_512_d", "fast94", "best_5m", "fast94-muon"])
 @pytest.mark.parametrize("stop_step", [6, 8], ids=["mid-epoch", "end-of-epoch-2"])
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypatch, stop_step, experiment,
                                                        extra):
