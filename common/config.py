@@ -62,11 +62,12 @@ class Config:
     weight_decay: float = 0.0
     decay_norm_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
     norm_lr_scale: float = 1.0  # BatchNorm parameters learn this much faster (same decay per step)
+    bias_lr_scale: float = 1.0  # other biases (the whitening stem's) learn this much faster, likewise
     muon_lr: float = 0.24  # optimizer=muon: the conv filters' step size (muon.py; the rest uses lr)
     muon_momentum: float = 0.6  # optimizer=muon: the conv filters' momentum (the rest uses momentum)
     label_smoothing: float = 0.0
     schedule: str = "cosine"  # see training.SCHEDULES
-    warmup: float = 0.0  # fraction of the run spent warming up (warmup_cosine and triangle schedules)
+    warmup: float = 0.0  # fraction of the run spent warming up (warmup_cosine, triangle and linear schedules)
     averaging: str = "none"  # none, ema or lookahead: the weights evaluated and saved (training.WeightAverage)
     ema_decay: float = 0.999  # per step
     compile: bool = False  # torch.compile the training model
@@ -122,6 +123,7 @@ class Config:
             (self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
             (0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}"),
             (self.norm_lr_scale > 0, f"norm_lr_scale must be positive, got {self.norm_lr_scale}"),
+            (self.bias_lr_scale > 0, f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
             (self.lr_batch_size is None or self.lr_batch_size >= 1,
              f"lr_batch_size must be at least 1, got {self.lr_batch_size}"),
             (self.val >= 0, f"val must not be negative, got {self.val}"),

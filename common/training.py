@@ -94,7 +94,8 @@ class TrainingError(UserError):
 def parameter_groups(model, config):
     """The trainable parameters in three groups: BatchNorm parameters (learning `norm_lr_scale`
     times faster, their weight decay divided by as much so that the decay per step is unchanged),
-    other biases, and weights; BatchNorm and biases are not decayed unless `decay_norm_and_bias`."""
+    other biases (likewise `bias_lr_scale`), and weights; BatchNorm and biases are not decayed
+    unless `decay_norm_and_bias`."""
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -103,8 +104,8 @@ def parameter_groups(model, config):
     groups = [
         {"params": [p for p in trainable if id(p) in norm_ids], "lr": lr * config.norm_lr_scale,
          "weight_decay": small_decay / config.norm_lr_scale},
-        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim <= 1], "lr": lr,
-         "weight_decay": small_decay},
+        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim <= 1],
+         "lr": lr * config.bias_lr_scale, "weight_decay": small_decay / config.bias_lr_scale},
         {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim > 1], "lr": lr,
          "weight_decay": decay},
     ]

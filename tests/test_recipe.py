@@ -98,6 +98,8 @@ def test_parameter_groups_scale_norm_lr_and_spare_norm_and_bias_from_decay():
     assert (norm["lr"], norm["weight_decay"]) == (0.8, pytest.approx(1e-3 / 8))
     assert (bias["lr"], bias["weight_decay"], weights["lr"], weights["weight_decay"]) == (0.1, 1e-3, 0.1, 1e-3)
     assert all(p.ndim == 1 for p in norm["params"] + bias["params"])
+    _, bias, _ = parameter_groups(model, config.replace(bias_lr_scale=4.0))
+    assert (bias["lr"], bias["weight_decay"]) == (0.4, pytest.approx(1e-3 / 4))
     spared = parameter_groups(model, config.replace(decay_norm_and_bias=False))
     assert [g["weight_decay"] for g in spared] == [0.0, 0.0, 1e-3]
     trainable = sum(p.numel() for g in spared for p in g["params"])
