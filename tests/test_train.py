@@ -9,6 +9,7 @@ from torch import nn
 from common import training
 from common.config import Config, UserError
 from common.history import HISTORY_FILES, read_history
+from common.muon import Muon
 from common.training import OPTIMIZERS, evaluate, make_optimizer, make_schedule, resolve_device, train
 
 RUN_JSON_KEYS = {"experiment", "config", "seed", "model", "trainable_parameters", "data", "device",
@@ -76,11 +77,12 @@ def test_accuracy_is_counted_per_image_not_per_batch():
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
                                        ("adadelta", torch.optim.Adadelta),
                                        ("rmsprop", torch.optim.RMSprop),
-                                       ("adagrad", torch.optim.Adagrad), ("adamw", torch.optim.AdamW)])
+                                       ("adagrad", torch.optim.Adagrad), ("adamw", torch.optim.AdamW),
+                                       ("muon", Muon)])
 def test_each_optimizer_is_what_it_says_at_the_seed_learning_rate(name, cls):
     optimizer = make_optimizer(nn.Linear(2, 2), Config(optimizer=name))
     assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 0.1
-    assert set(OPTIMIZERS) == {"sgd", "adam", "adadelta", "rmsprop", "adagrad", "adamw"}
+    assert set(OPTIMIZERS) == {"sgd", "adam", "adadelta", "rmsprop", "adagrad", "adamw", "muon"}
 
 
 def test_seed_sgd_has_no_momentum_and_no_weight_decay():
