@@ -11,9 +11,9 @@ from common.charts import load_run, plot_run
 from common.config import Config, UserError
 from common.experiments import EXPERIMENTS
 from common.history import read_history, write_seeds_summary
-from common.muon import orthogonalise
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
                            model_from_config, training_flops)
+from common.muon import orthogonalise
 from common.training import (SCHEDULES, WeightAverage, evaluate, forward_backward, make_optimizer,
                              make_schedule, parameter_groups, train, train_seeds)
 from conftest import crop_offsets, random_images

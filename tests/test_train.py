@@ -159,7 +159,8 @@ def test_a_fresh_start_leaves_none_of_the_last_runs_files(tmp_path, tiny):
     ({"ema_decay": 1.0}, "ema_decay must be in"), ({"label_smoothing": 1.0}, "label_smoothing must be in"),
     ({"warmup": 1.0}, "warmup must be a fraction"), ({"lr_batch_size": 0}, "lr_batch_size must be at least 1"),
     ({"mean": (0.5, 0.5)}, "mean and std need three values"), ({"epochs": 2.5}, "epochs expects an int"),
-    ({"muon_lr": 0}, "muon_lr must be positive"), ({"bias_lr_scale": 0}, "bias_lr_scale must be positive"), ({"muon_momentum": 1.0}, "muon_momentum must be in"),
+    ({"muon_lr": 0}, "muon_lr must be positive"), ({"muon_momentum": 1.0}, "muon_momentum must be in"),
+    ({"bias_lr_scale": 0}, "bias_lr_scale must be positive"),
 ])
 def test_each_config_check_refuses_its_value(overrides, message):
     with pytest.raises(UserError, match=message):
