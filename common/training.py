@@ -188,17 +188,24 @@ def resolve_device(name):
 
 
 def device_name(device):
+    """The GPU's name, or the CPU's model with the vector instructions torch's kernels use on it
+    and its bf16 ones, e.g. 'CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads': a virtual machine may
+    report only a family name, and two CPUs under one name can differ in both, and in speed."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+    cpuinfo = {}  # the first processor's entries
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            cpuinfo.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"CPU: {model}, {torch.get_num_threads()} threads"
+    model = cpuinfo.get("model name") or platform.processor() or platform.machine()
+    flags = set(cpuinfo.get("flags", "").split())
+    features = [torch.backends.cpu.get_cpu_capability()]
+    features += [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+                 if flag in flags]
+    return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
 # What a run executes. Uncommitted changes elsewhere (history files, results/bench.md written by

@@ -203,6 +203,20 @@ def test_auto_device_is_the_gpu_where_there_is_one_else_the_cpu(gpu, monkeypatch
     assert resolve_device("auto") == torch.device("cuda" if gpu else "cpu")
 
 
+def test_a_cpu_is_named_with_its_model_and_vector_instructions(monkeypatch):
+    class Cpuinfo:  # two processors; the first one's entries count
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    monkeypatch.setattr(training, "Path", Cpuinfo)
+    assert training.device_name(torch.device("cpu")) == (
+        f"CPU: AMD EPYC ({torch.backends.cpu.get_cpu_capability()}, AVX512-BF16), "
+        f"{torch.get_num_threads()} threads")
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"epochs": -3}, "epochs must be at least 1"),
