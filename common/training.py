@@ -9,6 +9,7 @@ and rewrites the history files, run.json and checkpoint.
 import contextlib
 import copy
 import datetime
+import functools
 import math
 import platform
 import random
@@ -187,24 +188,36 @@ def resolve_device(name):
     return device
 
 
+# The CPU flags (x86 `flags`, arm64 `Features` in /proc/cpuinfo) of bf16 instructions, as named.
+BF16_INSTRUCTIONS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "BF16"}
+
+
+def cpu_info():
+    """The first processor's entries in /proc/cpuinfo, {} where there is none (not Linux)."""
+    entries = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            entries.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return entries
+
+
+def cpu_flags(info):
+    return set((info.get("flags") or info.get("Features") or "").split())
+
+
 def device_name(device):
     """The GPU's name, or the CPU's model with the vector instructions torch's kernels use on it
     and its bf16 ones, e.g. 'CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads': a virtual machine may
     report only a family name, and two CPUs under one name can differ in both, and in speed."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = {}  # the first processor's entries
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            cpuinfo.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    model = cpuinfo.get("model name") or platform.processor() or platform.machine()
-    flags = set(cpuinfo.get("flags", "").split())
+    info = cpu_info()
+    model = info.get("model name") or platform.processor() or platform.machine()
     features = [torch.backends.cpu.get_cpu_capability()]
-    features += [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
-                 if flag in flags]
+    features += [name for flag, name in BF16_INSTRUCTIONS.items() if flag in cpu_flags(info)]
     return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
@@ -278,10 +291,23 @@ def evaluate(model, images, labels, config, autocast, tta=False):
 def autocast_for(device, config):
     """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
     default on CUDA only: on a CPU it is for one with bf16 instructions (AVX512-BF16, AMX;
-    results/bench.md has an AMD EPYC's figures); others emulate them."""
+    results/bench.md has an AMD EPYC's figures); others emulate them, and a warning says so."""
     device = torch.device(device)
     enabled = device.type == "cuda" if config.bf16 is None else config.bf16
+    if enabled and device.type == "cpu":
+        warn_if_bf16_is_emulated()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@functools.cache
+def warn_if_bf16_is_emulated():
+    """Once a process: on a CPU without bf16 instructions (one that lists its flags), bf16
+    autocast runs emulated, many times slower than float32."""
+    flags = cpu_flags(cpu_info())
+    if flags and not flags & BF16_INSTRUCTIONS.keys():
+        print(f"warning: this CPU has no bf16 instructions ({', '.join(BF16_INSTRUCTIONS.values())}): bf16 "
+              f"autocast runs emulated here, many times slower than float32; --set bf16=false avoids it",
+              file=sys.stderr)
 
 
 def prepare(x, config):

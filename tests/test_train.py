@@ -249,6 +249,17 @@ def test_on_a_cpu_bf16_autocast_is_off_unless_asked_for(bf16, dtype):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == dtype
 
 
+@pytest.mark.parametrize("flags, warned", [("fpu avx2", 1), ("fpu avx2 avx512_bf16", 0), ("", 0)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(flags, warned, monkeypatch, capsys):
+    monkeypatch.setattr(training, "cpu_info", lambda: {"flags": flags} if flags else {})
+    training.warn_if_bf16_is_emulated.cache_clear()
+    for _ in range(2):
+        training.autocast_for("cpu", Config(bf16=True))
+    training.autocast_for("cpu", Config())
+    training.warn_if_bf16_is_emulated.cache_clear()
+    assert capsys.readouterr().err.count("no bf16 instructions") == warned
+
+
 def test_a_bf16_cpu_run_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny):
     plain, bf16 = (train("res_512", out_dir=tmp_path / str(b), epochs=1, bf16=b, **tiny) for b in (None, True))
     assert bf16.history != plain.history and all(math.isfinite(v) for v in bf16.history["train_loss"])
