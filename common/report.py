@@ -564,8 +564,8 @@ def limitations_section(headline, smoke):
     if smoke:
         items.append(f"Smoke runs of {len(smoke)} experiment(s) are listed apart: they check the code and "
                      "are not results.")
-    items += ["On CUDA, cuDNN autotuning makes runs close but not bit-identical; CPU runs with the same "
-              "seed are identical.",
+    items += ["On CUDA, cuDNN autotuning makes runs close but not bit-identical; runs with the same seed "
+              "on one CPU are identical.",
               "Wall times depend on the device named beside them; the original study's were measured on "
               "another GPU, so they are not compared. A run stopped and resumed shows the sum of its "
               "parts (\"in N parts\"), each timed on whatever else its machine ran then: "
