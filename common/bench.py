@@ -32,8 +32,9 @@ from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
 from .models import meta_model, model_from_config, training_flops
-from .training import (autocast_for, device_name, epoch_start_position, forward_backward, git_commit,
-                       make_optimizer, now, prepare, resolve_device, start_run, train_one_epoch)
+from .devices import autocast_for, device_name, prepare, resolve_device
+from .recipe import make_optimizer
+from .training import epoch_start_position, forward_backward, git_commit, now, start_run, train_one_epoch
 
 BENCH_DIR = REPO_ROOT / "results" / "bench"
 MODES = ("limit", "ours", "seed-style")

@@ -100,7 +100,7 @@ def cmd_study(args):
     from .data import ensure_cifar10
     from .models import meta_model
     from .study import finished, study
-    from .training import resolve_device
+    from .devices import resolve_device
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
     if not names:
         raise UserError("name experiments, or pass --seed-study or --all")

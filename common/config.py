@@ -54,7 +54,7 @@ class Config:
     epochs: int = 200
     batch_size: int = 128
     micro_batch: Optional[int] = None  # forward/backward in chunks of this size, gradients summed
-    optimizer: str = "sgd"  # sgd, adam, adamw, adadelta, rmsprop, adagrad or muon (training.OPTIMIZERS)
+    optimizer: str = "sgd"  # sgd, adam, adamw, adadelta, rmsprop, adagrad or muon (recipe.OPTIMIZERS)
     lr: float = 0.1
     lr_batch_size: Optional[int] = None  # lr is the rate at this batch size, scaled linearly to batch_size
     momentum: float = 0.0
@@ -66,14 +66,14 @@ class Config:
     muon_lr: float = 0.24  # optimizer=muon: the conv filters' step size (muon.py; the rest uses lr)
     muon_momentum: float = 0.6  # optimizer=muon: the conv filters' momentum (the rest uses momentum)
     label_smoothing: float = 0.0
-    schedule: str = "cosine"  # see training.SCHEDULES
+    schedule: str = "cosine"  # see recipe.SCHEDULES
     warmup: float = 0.0  # fraction of the run spent warming up (warmup_cosine, triangle and linear schedules)
-    averaging: str = "none"  # none, ema or lookahead: the weights evaluated and saved (training.WeightAverage)
+    averaging: str = "none"  # none, ema or lookahead: the weights evaluated and saved (recipe.WeightAverage)
     ema_decay: float = 0.999  # per step
     compile: bool = False  # torch.compile the training model
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
-    channels_last: bool = True  # images and weights in the channels-last layout (training.prepare)
-    bf16: Optional[bool] = None  # bf16 autocast (training.autocast_for); None: on CUDA, off on a CPU
+    channels_last: bool = True  # images and weights in the channels-last layout (devices.prepare)
+    bf16: Optional[bool] = None  # bf16 autocast (devices.autocast_for); None: on CUDA, off on a CPU
     # augmentation, applied on the training device
     crop_padding: int = 4
     pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds

@@ -34,7 +34,7 @@ def filter_ids(model):
 
 
 def muon_groups(model, groups, config):
-    """`groups` (training.parameter_groups) with the conv filters moved into a group of their own,
+    """`groups` (recipe.parameter_groups) with the conv filters moved into a group of their own,
     stepped by Muon at `muon_lr` with `muon_momentum` and no weight decay."""
     filters = filter_ids(model)
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in filters]} for g in groups]

@@ -18,7 +18,8 @@ from . import data as cifar
 from .config import Config, UserError, one_line
 from .history import WEIGHTS_FILE, RunFolderError, read_run_info, write_atomic
 from .models import build_model, model_options
-from .training import autocast_for, batched_logits, prepare, resolve_device
+from .devices import autocast_for, prepare, resolve_device
+from .training import batched_logits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

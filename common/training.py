@@ -4,12 +4,11 @@ Follow a run top to bottom: `train` resolves the config and device; `start_run` 
 the device and builds the model, optimiser and random generators (or restores them from a
 checkpoint); `run_epochs` then, epoch by epoch, steps through a permutation of the training set
 (`train_one_epoch`: augment, forward, backward, step) and `finish_epoch` evaluates on the test set
-and rewrites the history files, run.json and checkpoint.
+and rewrites the history files, run.json and checkpoint. The optimisers, schedules and weight
+averaging it calls are in recipe.py; the device, bf16 and memory layout in devices.py.
 """
 import contextlib
-import copy
 import datetime
-import functools
 import math
 import platform
 import random
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from . import data as cifar
 from .config import NULLABLE, Config, UserError, differing_settings
+from .devices import autocast_for, device_name, prepare, resolve_device
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
@@ -36,189 +36,13 @@ from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError,
                       write_history, write_run_info, write_seeds_summary)
 from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
-from .muon import Muon, muon_groups
+from .recipe import SCHEDULES, WeightAverage, make_optimizer, make_schedule
 
 EVAL_BATCH_SIZE = 500
-
-# Each takes parameter groups that carry their own lr and weight_decay (see parameter_groups).
-OPTIMIZERS = {
-    "sgd": lambda groups, c: torch.optim.SGD(groups, momentum=c.momentum, nesterov=c.nesterov),
-    "adam": lambda groups, c: torch.optim.Adam(groups),
-    "adamw": lambda groups, c: torch.optim.AdamW(groups),
-    "adadelta": lambda groups, c: torch.optim.Adadelta(groups),
-    "rmsprop": lambda groups, c: torch.optim.RMSprop(groups, momentum=c.momentum),
-    "adagrad": lambda groups, c: torch.optim.Adagrad(groups),
-    "muon": lambda groups, c: Muon(groups, momentum=c.momentum, nesterov=c.nesterov),  # see muon.py
-}
-
-
-def cosine(t, warmup):
-    return 0.5 * (1 + math.cos(math.pi * t))
-
-
-def warmup_cosine(t, warmup):
-    if t < warmup:
-        return t / warmup
-    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
-
-
-def triangle(t, warmup, start=0.2, end=0.07):
-    """Linear from `start` up to 1 at the end of the warm-up, then linear down to `end`."""
-    if t < warmup:
-        return start + (1 - start) * t / warmup
-    return 1 - (1 - end) * (t - warmup) / (1 - warmup)
-
-
-def linear(t, warmup):
-    """Linear up from 0 to 1 at the end of the warm-up (none by default), then linear down to 0."""
-    if t < warmup:
-        return t / warmup
-    return (1 - t) / (1 - warmup)
-
-
-# name: (stepped once per "epoch" or per "step", multiplier of the learning rate at the fraction t
-# of the run done, given the warm-up's fraction of the run). The seed's cosine is stepped per epoch,
-# as CosineAnnealingLR(T_max=epochs) was.
-SCHEDULES = {
-    "cosine": ("epoch", cosine),
-    "constant": ("epoch", lambda t, warmup: 1.0),
-    "warmup_cosine": ("step", warmup_cosine),
-    "triangle": ("step", triangle),
-    "linear": ("step", linear),
-}
 
 
 class TrainingError(UserError):
     """The run cannot go on (for example a non-finite loss); its folder keeps the epochs before."""
-
-
-def parameter_groups(model, config):
-    """The trainable parameters in three groups: BatchNorm parameters (learning `norm_lr_scale`
-    times faster, their weight decay divided by as much so that the decay per step is unchanged),
-    other biases (likewise `bias_lr_scale`), and weights; BatchNorm and biases are not decayed
-    unless `decay_norm_and_bias`."""
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    lr, decay = config.scaled_lr, config.weight_decay
-    small_decay = decay if config.decay_norm_and_bias else 0.0
-    groups = [
-        {"params": [p for p in trainable if id(p) in norm_ids], "lr": lr * config.norm_lr_scale,
-         "weight_decay": small_decay / config.norm_lr_scale},
-        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim <= 1],
-         "lr": lr * config.bias_lr_scale, "weight_decay": small_decay / config.bias_lr_scale},
-        {"params": [p for p in trainable if id(p) not in norm_ids and p.ndim > 1], "lr": lr,
-         "weight_decay": decay},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(model, config):
-    if config.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    groups = parameter_groups(model, config)
-    if config.optimizer == "muon":
-        groups = muon_groups(model, groups, config)
-    return OPTIMIZERS[config.optimizer](groups, config)
-
-
-def make_schedule(optimizer, config, steps_per_epoch):
-    """A LambdaLR stepped once per epoch or once per training step, as SCHEDULES says."""
-    if config.schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
-    unit, multiplier = SCHEDULES[config.schedule]
-    total = config.epochs * (steps_per_epoch if unit == "step" else 1)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: multiplier(min(i / total, 1.0), config.warmup))
-
-
-class WeightAverage:
-    """A moving average of the model's floating-point state (weights and BatchNorm statistics),
-    the copy that is evaluated and saved.
-
-    "ema": updated after every step with decay min(ema_decay, (1 + n) / (10 + n)), so early
-    weights are forgotten quickly. "lookahead": every LOOKAHEAD_EVERY steps, with a decay growing
-    as the cube of the fraction of the run done (none at first, ema_decay**LOOKAHEAD_EVERY at the
-    end), and the training model jumps back to the average each time.
-    """
-
-    LOOKAHEAD_EVERY = 5
-
-    def __init__(self, model, mode, decay, total_steps):
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        self.mode, self.decay, self.total_steps = mode, decay, total_steps
-        # The average's and the live model's tensors, gathered once: state_dict() shares the
-        # tensors' storage, and loading a checkpoint copies into them in place, so they stay valid
-        # all run. Floating-point state is averaged, counters copied; each list is updated by one
-        # foreach call rather than a kernel launch per tensor.
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        self.averages, self.lives = [[p[i] for p in pairs if p[0].is_floating_point()] for i in (0, 1)]
-        self.counters, self.live_counters = [[p[i] for p in pairs if not p[0].is_floating_point()]
-                                             for i in (0, 1)]
-
-    @torch.no_grad()
-    def update(self, steps_done):
-        """Fold the live model's current state into the average (and, in lookahead, back)."""
-        if self.mode == "lookahead":
-            if steps_done % self.LOOKAHEAD_EVERY and steps_done < self.total_steps:
-                return
-            decay = self.decay ** self.LOOKAHEAD_EVERY * (steps_done / self.total_steps) ** 3
-        else:
-            decay = min(self.decay, (1 + steps_done) / (10 + steps_done))
-        torch._foreach_lerp_(self.averages, self.lives, 1 - decay)
-        if self.mode == "lookahead":
-            torch._foreach_copy_(self.lives, self.averages)
-        if self.counters:
-            torch._foreach_copy_(self.counters, self.live_counters)
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-# The CPU flags (x86 `flags`, arm64 `Features` in /proc/cpuinfo) of bf16 instructions, as named.
-BF16_INSTRUCTIONS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "BF16"}
-
-
-def cpu_info():
-    """The first processor's entries in /proc/cpuinfo, {} where there is none (not Linux)."""
-    entries = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            entries.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return entries
-
-
-def cpu_flags(info):
-    return set((info.get("flags") or info.get("Features") or "").split())
-
-
-def device_name(device):
-    """The GPU's name, or the CPU's model with the vector instructions torch's kernels use on it
-    and its bf16 ones, e.g. 'CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads': a virtual machine may
-    report only a family name, and two CPUs under one name can differ in both, and in speed."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    info = cpu_info()
-    model = info.get("model name") or platform.processor() or platform.machine()
-    features = [torch.backends.cpu.get_cpu_capability()]
-    features += [name for flag, name in BF16_INSTRUCTIONS.items() if flag in cpu_flags(info)]
-    return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
 # What a run executes. Uncommitted changes elsewhere (history files, results/bench.md written by
@@ -286,39 +110,6 @@ def evaluate(model, images, labels, config, autocast, tta=False):
     output = batched_logits(model, images, config, autocast, tta)
     loss = F.cross_entropy(output, labels, reduction="sum").item() / len(images)
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
-
-
-def autocast_for(device, config):
-    """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
-    default on CUDA only: on a CPU it is for one with bf16 instructions (AVX512-BF16, AMX;
-    results/bench.md has an AMD EPYC's figures); others emulate them, and a warning says so."""
-    device = torch.device(device)
-    enabled = device.type == "cuda" if config.bf16 is None else config.bf16
-    if enabled and device.type == "cpu":
-        warn_if_bf16_is_emulated()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@functools.cache
-def warn_if_bf16_is_emulated():
-    """Once a process: on a CPU without bf16 instructions (one that lists its flags), bf16
-    autocast runs emulated, many times slower than float32."""
-    flags = cpu_flags(cpu_info())
-    if flags and not flags & BF16_INSTRUCTIONS.keys():
-        print(f"warning: this CPU has no bf16 instructions ({', '.join(BF16_INSTRUCTIONS.values())}): bf16 "
-              f"autocast runs emulated here, many times slower than float32; --set bf16=false avoids it",
-              file=sys.stderr)
-
-
-def prepare(x, config):
-    """Images or a model in the memory layout the config asks for: channels-last by default, in
-    which cuDNN's convolutions run fastest (oneDNN's on CPUs: faster on an AMD EPYC, as fast on an
-    Intel Xeon, results/bench.md)."""
-    if not config.channels_last:
-        return x
-    if isinstance(x, torch.nn.Module):
-        return x.to(memory_format=torch.channels_last)
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):

@@ -14,8 +14,8 @@ from common.history import read_history, write_seeds_summary
 from common.models import (PARAMETER_BUDGET, PatchWhitening, build_model, count_parameters,
                            model_from_config, training_flops)
 from common.muon import orthogonalise
-from common.training import (SCHEDULES, WeightAverage, evaluate, forward_backward, make_optimizer,
-                             make_schedule, parameter_groups, train, train_seeds)
+from common.recipe import SCHEDULES, WeightAverage, make_optimizer, make_schedule, parameter_groups
+from common.training import evaluate, forward_backward, train, train_seeds
 from conftest import crop_offsets, random_images
 
 # Small widths keep a CPU run of the fast94/best_5m recipes to seconds.
@@ -261,7 +261,7 @@ def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_pat
     from torch.profiler import profile
     from tqdm import tqdm
 
-    from common import training
+    from common import devices, training
     from common.distributed import Cluster
     exp = EXPERIMENTS[name]
     small = TINY_NET if exp.config.architecture == "cifar_resnet" else {}
@@ -270,10 +270,10 @@ def test_a_training_epoch_never_makes_the_host_wait_for_the_device(name, tmp_pat
                              resume=False)
     monkeypatch.setattr(training, "report_progress", lambda progress, position: None)
     no_stop = types.SimpleNamespace(signal=None)
-    training.train_one_epoch(run, training.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
+    training.train_one_epoch(run, devices.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
     run.position.update(training.epoch_start_position(1))  # the second epoch: what every epoch does
     with profile() as prof:
-        training.train_one_epoch(run, training.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
+        training.train_one_epoch(run, devices.autocast_for("cpu", run.config), tqdm(disable=True), no_stop)
     waits = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::lift_fresh"}
     assert waits.isdisjoint(e.name for e in prof.events())
 

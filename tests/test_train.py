@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from common import training
+from common import devices, training
 from common.config import Config, UserError
 from common.history import HISTORY_FILES, read_history
 from common.muon import Muon
-from common.training import OPTIMIZERS, evaluate, make_optimizer, make_schedule, resolve_device, train
+from common.devices import resolve_device
+from common.recipe import OPTIMIZERS, make_optimizer, make_schedule
+from common.training import evaluate, train
 
 RUN_JSON_KEYS = {"experiment", "config", "seed", "model", "trainable_parameters", "data", "device",
                  "torch", "git", "epoch_seconds", "wall_seconds", "status", "budget"}
@@ -211,8 +213,8 @@ def test_a_cpu_is_named_with_its_model_and_vector_instructions(monkeypatch):
         def read_text(self):
             return ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
                     "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
-    monkeypatch.setattr(training, "Path", Cpuinfo)
-    assert training.device_name(torch.device("cpu")) == (
+    monkeypatch.setattr(devices, "Path", Cpuinfo)
+    assert devices.device_name(torch.device("cpu")) == (
         f"CPU: AMD EPYC ({torch.backends.cpu.get_cpu_capability()}, AVX512-BF16), "
         f"{torch.get_num_threads()} threads")
 
@@ -234,29 +236,29 @@ def test_the_memory_layout_is_a_setting_that_leaves_the_outputs_alone():
     model = build_model("cifar_resnet", widths=(8, 16, 16)).eval()
     x = torch.randn(4, 3, 32, 32)
     default, plain = Config(), Config(channels_last=False)
-    reordered = training.prepare(build_model("cifar_resnet", widths=(8, 16, 16)).eval(), default)
+    reordered = devices.prepare(build_model("cifar_resnet", widths=(8, 16, 16)).eval(), default)
     reordered.load_state_dict(model.state_dict())
     assert reordered.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert training.prepare(x, default).is_contiguous(memory_format=torch.channels_last)
-    assert training.prepare(x, plain) is x and training.prepare(model, plain) is model
-    assert torch.allclose(reordered(training.prepare(x, default)), model(x), atol=1e-5)
+    assert devices.prepare(x, default).is_contiguous(memory_format=torch.channels_last)
+    assert devices.prepare(x, plain) is x and devices.prepare(model, plain) is model
+    assert torch.allclose(reordered(devices.prepare(x, default)), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("bf16, dtype", [(None, torch.float32), (True, torch.bfloat16), (False, torch.float32)])
 def test_on_a_cpu_bf16_autocast_is_off_unless_asked_for(bf16, dtype):
     conv = nn.Conv2d(3, 4, 3)
-    with training.autocast_for("cpu", Config(bf16=bf16)):
+    with devices.autocast_for("cpu", Config(bf16=bf16)):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == dtype
 
 
 @pytest.mark.parametrize("flags, warned", [("fpu avx2", 1), ("fpu avx2 avx512_bf16", 0), ("", 0)])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(flags, warned, monkeypatch, capsys):
-    monkeypatch.setattr(training, "cpu_info", lambda: {"flags": flags} if flags else {})
-    training.warn_if_bf16_is_emulated.cache_clear()
+    monkeypatch.setattr(devices, "cpu_info", lambda: {"flags": flags} if flags else {})
+    devices.warn_if_bf16_is_emulated.cache_clear()
     for _ in range(2):
-        training.autocast_for("cpu", Config(bf16=True))
-    training.autocast_for("cpu", Config())
-    training.warn_if_bf16_is_emulated.cache_clear()
+        devices.autocast_for("cpu", Config(bf16=True))
+    devices.autocast_for("cpu", Config())
+    devices.warn_if_bf16_is_emulated.cache_clear()
     assert capsys.readouterr().err.count("no bf16 instructions") == warned
 
 

@@ -1,0 +1,92 @@
+"""Where a run computes and how: the device asked for, its name as run.json records it, bf16
+autocast and the channels-last memory layout."""
+import functools
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+# The CPU flags (x86 `flags`, arm64 `Features` in /proc/cpuinfo) of bf16 instructions, as named.
+BF16_INSTRUCTIONS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "BF16"}
+
+
+def cpu_info():
+    """The first processor's entries in /proc/cpuinfo, {} where there is none (not Linux)."""
+    entries = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            entries.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return entries
+
+
+def cpu_flags(info):
+    return set((info.get("flags") or info.get("Features") or "").split())
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model with the vector instructions torch's kernels use on it
+    and its bf16 ones, e.g. 'CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads': a virtual machine may
+    report only a family name, and two CPUs under one name can differ in both, and in speed."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = cpu_info()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    features = [torch.backends.cpu.get_cpu_capability()]
+    features += [name for flag, name in BF16_INSTRUCTIONS.items() if flag in cpu_flags(info)]
+    return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
+
+
+def autocast_for(device, config):
+    """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
+    default on CUDA only: on a CPU it is for one with bf16 instructions (AVX512-BF16, AMX;
+    results/bench.md has an AMD EPYC's figures); others emulate them, and a warning says so."""
+    device = torch.device(device)
+    enabled = device.type == "cuda" if config.bf16 is None else config.bf16
+    if enabled and device.type == "cpu":
+        warn_if_bf16_is_emulated()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@functools.cache
+def warn_if_bf16_is_emulated():
+    """Once a process: on a CPU without bf16 instructions (one that lists its flags), bf16
+    autocast runs emulated, many times slower than float32."""
+    flags = cpu_flags(cpu_info())
+    if flags and not flags & BF16_INSTRUCTIONS.keys():
+        print(f"warning: this CPU has no bf16 instructions ({', '.join(BF16_INSTRUCTIONS.values())}): bf16 "
+              f"autocast runs emulated here, many times slower than float32; --set bf16=false avoids it",
+              file=sys.stderr)
+
+
+def prepare(x, config):
+    """Images or a model in the memory layout the config asks for: channels-last by default, in
+    which cuDNN's convolutions run fastest (oneDNN's on CPUs: faster on an AMD EPYC, as fast on an
+    Intel Xeon, results/bench.md)."""
+    if not config.channels_last:
+        return x
+    if isinstance(x, torch.nn.Module):
+        return x.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
