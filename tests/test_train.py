@@ -8,9 +8,9 @@ from torch import nn
 
 from common import devices, training
 from common.config import Config, UserError
+from common.devices import resolve_device
 from common.history import HISTORY_FILES, read_history
 from common.muon import Muon
-from common.devices import resolve_device
 from common.recipe import OPTIMIZERS, make_optimizer, make_schedule
 from common.training import evaluate, train
 
