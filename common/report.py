@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import re
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -540,6 +541,10 @@ def ablation_section(headline, figures, runs, tables):
     return story
 
 
+# A CPU as named before device names carried its instructions: 'CPU: AMD EPYC, 2 threads'.
+CPU_BY_MODEL_ALONE = re.compile(r"CPU: [^(+]+, \d+ threads")
+
+
 def limitations_section(headline, smoke):
     measured = [row for row in headline if row.runs]
     items = ["Runs without --val evaluate on the test set after every epoch, as the original study did: "
@@ -564,6 +569,12 @@ def limitations_section(headline, smoke):
     if smoke:
         items.append(f"Smoke runs of {len(smoke)} experiment(s) are listed apart: they check the code and "
                      "are not results.")
+    unnamed = [row.experiment for row in measured if CPU_BY_MODEL_ALONE.search(row.device)]
+    if unnamed:
+        items.append(f"{escape(', '.join(unnamed))} name a CPU by its model alone, as recorded before "
+                     "2026-12-06 22:00 UTC (later records add its vector and bf16 instructions): \"AMD "
+                     "EPYC\" there stands for at least two CPUs of different speed (the README gives "
+                     "res_512_d's figures), so their wall times compare only within one part of one run.")
     items += ["On CUDA, cuDNN autotuning makes runs close but not bit-identical; runs with the same seed "
               "on one CPU are identical.",
               "Wall times depend on the device named beside them; the original study's were measured on "

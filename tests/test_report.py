@@ -10,7 +10,7 @@ from pypdf import PdfReader
 from common.charts import README_MARKERS
 from common.experiments import EXPERIMENTS
 from common.models import model_from_config, multiply_adds
-from common.report import REPORT_FILE, build_report
+from common.report import CPU_BY_MODEL_ALONE, REPORT_FILE, build_report
 from test_charts import fake_run
 from test_cli import cli
 
@@ -178,6 +178,21 @@ def test_the_pdf_reports_the_runs(built):
         assert any(path.name == chart for path in paths)
     readme = (root / "out" / "README.md").read_text()
     assert "| res_512_d |" in readme and "old" not in readme
+
+
+@pytest.mark.parametrize("device, by_model_alone", [
+    ("CPU: AMD EPYC, 2 threads", True), ("CPU: Intel Xeon @ 2.50GHz, 2 threads", True),
+    ("CPU: AMD EPYC, 2 threads + CPU: AMD EPYC (AVX2), 2 threads", True),
+    ("CPU: AMD EPYC (AVX2), 2 threads", False),
+    ("H100 80GB HBM3 + CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads", False),
+])
+def test_cpus_recorded_by_model_alone_are_told_from_the_later_names(device, by_model_alone):
+    assert bool(CPU_BY_MODEL_ALONE.search(device)) == by_model_alone
+
+
+def test_the_pdf_warns_of_cpu_names_only_where_a_run_has_one(built):
+    root, _, _ = built  # its runs are on an H100
+    assert "by its model alone" not in pdf_text(root / "out" / REPORT_FILE)
 
 
 def test_the_report_command_rebuilds_the_same_bytes(built):
