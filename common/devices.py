@@ -83,8 +83,8 @@ def warn_if_bf16_is_emulated():
 
 def prepare(x, config):
     """Images or a model in the memory layout the config asks for: channels-last by default, in
-    which cuDNN's convolutions run fastest (oneDNN's on CPUs: faster on an AMD EPYC, as fast on an
-    Intel Xeon, results/bench.md)."""
+    which cuDNN's convolutions run fastest (oneDNN's on CPUs: faster on two AMD EPYCs, as fast on
+    an Intel Xeon, results/bench.md)."""
     if not config.channels_last:
         return x
     if isinstance(x, torch.nn.Module):
