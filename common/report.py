@@ -572,7 +572,7 @@ def limitations_section(headline, smoke):
     unnamed = [row.experiment for row in measured if CPU_BY_MODEL_ALONE.search(row.device)]
     if unnamed:
         items.append(f"{escape(', '.join(unnamed))} name a CPU by its model alone, as recorded before "
-                     "2026-12-06 22:00 UTC (later records add its vector and bf16 instructions): \"AMD "
+                     "2026-12-06 21:55 UTC (later records add its vector and bf16 instructions): \"AMD "
                      "EPYC\" there stands for at least two CPUs of different speed (the README gives "
                      "res_512_d's figures), so their wall times compare only within one part of one run.")
     items += ["On CUDA, cuDNN autotuning makes runs close but not bit-identical; runs with the same seed "
