@@ -46,6 +46,11 @@ def cpu_flags(info):
     return set((info.get("flags") or info.get("Features") or "").split())
 
 
+def bf16_instructions(flags):
+    """The names of the bf16 instructions among a CPU's flags."""
+    return [name for flag, name in BF16_INSTRUCTIONS.items() if flag in flags]
+
+
 def device_name(device):
     """The GPU's name, or the CPU's model with the vector instructions torch's kernels use on it
     and its bf16 ones, e.g. 'CPU: AMD EPYC (AVX512, AVX512-BF16), 2 threads': a virtual machine may
@@ -54,8 +59,7 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     info = cpu_info()
     model = info.get("model name") or platform.processor() or platform.machine()
-    features = [torch.backends.cpu.get_cpu_capability()]
-    features += [name for flag, name in BF16_INSTRUCTIONS.items() if flag in cpu_flags(info)]
+    features = [torch.backends.cpu.get_cpu_capability(), *bf16_instructions(cpu_flags(info))]
     return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
@@ -75,7 +79,7 @@ def warn_if_bf16_is_emulated():
     """Once a process: on a CPU without bf16 instructions (one that lists its flags), bf16
     autocast runs emulated, many times slower than float32."""
     flags = cpu_flags(cpu_info())
-    if flags and not flags & BF16_INSTRUCTIONS.keys():
+    if flags and not bf16_instructions(flags):
         print(f"warning: this CPU has no bf16 instructions ({', '.join(BF16_INSTRUCTIONS.values())}): bf16 "
               f"autocast runs emulated here, many times slower than float32; --set bf16=false avoids it",
               file=sys.stderr)
