@@ -109,6 +109,9 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, fake_data, args, mess
         # no data anywhere: a check made after loading would fail with "no CIFAR-10 at" instead,
         # whether or not the repository holds data (CI's checkout does not)
         args += ["--data-dir", tmp_path / "empty", "--no-download"]
+    if args[0] == "train" and "--out" not in args:
+        # not the experiment's own folder, which a developer's run may hold (refused before the data)
+        args += ["--out", tmp_path / "run"]
     result = cli(*args)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
