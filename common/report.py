@@ -1,8 +1,8 @@
 """`python -m common report`: the summary table, the charts and `Project Report.pdf`, rebuilt from
 the run folders that exist, so the report can never disagree with the runs.
 
-Every measured number is read from a run's history files and run.json, every parameter and
-multiply-add count from the models themselves. An experiment without a run says "not run", and a
+Every measured number is read from a run's history files and run.json (speeds from the records
+`bench --record` keeps), every parameter and multiply-add count from the models themselves. An experiment without a run says "not run", and a
 smoke run (a reduced budget) is listed apart from the results, never among them. The only numbers
 typed here are PUBLIC_ANCHORS: published figures of others, quoted and attributed as such.
 """
@@ -24,9 +24,10 @@ from reportlab.lib.utils import ImageReader
 from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 from torch import nn
 
+from .bench import MODES, load_records
 from .charts import (ARCHITECTURES, BEYOND, EQUAL_EPOCHS, README, RESULTS_DIR, TRAIN_VS_TEST,
                      collect_checks, collect_groups, equal_epochs_runs, group_members, make_charts,
-                     markdown_table, representative_runs, save)
+                     markdown_table, representative_runs, save, short_device_name)
 from .config import Config
 from .data import FULL_VARIANTS
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR
@@ -541,6 +542,43 @@ def ablation_section(headline, figures, runs, tables):
     return story
 
 
+SPEED_RATIOS = ("ours/limit", "ours/seed-style")
+SPEED_COLUMNS = ["experiment", "batch", "device", "data", *MODES, "ours / limit", "ours / seed-style"]
+SPEED_WIDTHS = [109, 32, 56, 48, 36, 36, 38, 32, 38]
+
+
+def speed_section(records, tables):
+    """Each configuration `bench` recorded at its experiment's own settings (`records`: the
+    bench records by name), GPUs first."""
+    measured = sorted((r for r in records.values() if not r.get("settings")),
+                      key=lambda r: (r["device_type"] == "cpu", r["device"], r["experiment"]))
+    story = [
+        para("7. Speed", "h1"),
+        para(f"Training images per second, measured by {code('python -m common bench')}: one process feeds "
+             "one model, batch size and device three ways, timed in turns, each figure the median of its "
+             "rounds. <i>limit</i> steps on random tensors already on the device (the model's own cost), "
+             "<i>ours</i> is this project's training loop on real images with its on-device augmentation, "
+             "and <i>seed-style</i> the original study's per-image PIL transforms in a DataLoader with 2 "
+             "workers. ours/limit says how much of the model's own speed the loop keeps, ours/seed-style "
+             "what it gains over the original's input pipeline; being taken within one process, the ratios "
+             "compare across machines where the speeds, on shared machines of varying speed, do only "
+             "roughly. Rows are configurations at their experiment's own settings; those measured with a "
+             "setting changed (memory layout, micro-batches, bf16, torch.compile) are in "
+             f"{code('results/bench.md')}, each with its command and code."),
+    ]
+    if not measured:
+        return story + [para(f"Not measured yet: {code('python -m common bench --record')} keeps a record.")]
+    if any(CPU_BY_MODEL_ALONE.search(r["device"]) for r in measured):
+        story.append(para("A CPU named by its model alone was recorded before names carried its vector and "
+                          "bf16 instructions (section 8)."))
+    rows = [[r["experiment"], r["batch_size"], short_device_name(r["device"]), r["data_variant"],
+             *(f"{r['images_per_second'][m]:,.0f}" if m in r["images_per_second"] else "-" for m in MODES),
+             *(f"{r['ratios'][k]:.2f}" if k in r["ratios"] else "-" for k in SPEED_RATIOS)]
+            for r in measured]
+    return story + table(tables, SPEED_COLUMNS, rows, "Training images per second of each experiment at its "
+                         "own settings, fed three ways, by device; and the two ratios.", widths=SPEED_WIDTHS)
+
+
 # A CPU as named before device names carried its instructions: 'CPU: AMD EPYC, 2 threads'.
 CPU_BY_MODEL_ALONE = re.compile(r"CPU: [^(+]+, \d+ threads")
 
@@ -581,7 +619,7 @@ def limitations_section(headline, smoke):
               "another GPU, so they are not compared. A run stopped and resumed shows the sum of its "
               "parts (\"in N parts\"), each timed on whatever else its machine ran then: "
               "not the time it needs alone."]
-    return [para("7. Limitations", "h1"), *bullets(items)]
+    return [para("8. Limitations", "h1"), *bullets(items)]
 
 
 def train_commands(names):
@@ -607,8 +645,10 @@ def reproduce_section(tables):
     rows += [[f"Figure {figure_number(name)}: {name}",
               f"{FIGURE_COMMANDS.get(name) or train_commands(names)}\npython -m common report"]
              for name, (_, names) in FIGURES.items()]
+    rows.append(["the speed table (section 7) and results/bench.md",
+                 "python -m common bench --experiment NAME --device DEVICE --record\npython -m common report"])
     return [
-        para("8. How to reproduce", "h1"),
+        para("9. How to reproduce", "h1"),
         para(f"Each figure and table is rebuilt by {code('python -m common report')} from the run folders "
              f"that exist; a run is made by {code('python -m common train NAME')}. A multi-seed group is one "
              f"folder per seed, {code('training/NAME/seedS')}: {code('python -m common train NAME --seeds K')} "
@@ -625,7 +665,7 @@ def footer(canvas, doc):
     canvas.restoreState()
 
 
-def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=()):
+def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=(), speeds=None):
     """The report, typeset and replaced atomically; `invariant` fixes the creation date and file
     id, so the same runs give the same bytes."""
     tables = itertools.count(1)
@@ -633,7 +673,7 @@ def write_pdf(path, headline, smoke, figures, runs, equal_epochs=(), checks=()):
              *results_section(headline, smoke, figures, runs, tables),
              *comparison_section(headline, tables),
              *beyond_section(headline, figures, runs, equal_epochs, checks, tables),
-             *ablation_section(headline, figures, runs, tables),
+             *ablation_section(headline, figures, runs, tables), *speed_section(speeds or {}, tables),
              *limitations_section(headline, smoke), *reproduce_section(tables)]
 
     def typeset(file):
@@ -664,5 +704,5 @@ def build_report(training_dir=TRAINING_DIR, top_dir=REPO_ROOT, results_dir=RESUL
     figures = {path.name: path for path in paths}
     checks = collect_checks(results_dir / "checks")
     paths.append(write_pdf(top_dir / REPORT_FILE, headline, smoke, figures, runs,
-                           equal_epochs_runs(training_dir, checks), checks))
+                           equal_epochs_runs(training_dir, checks), checks, load_records(results_dir / "bench")))
     return paths

@@ -66,6 +66,19 @@ def outputs(out):
     return dict(top_dir=out, results_dir=out / "results", readme=out / "README.md")
 
 
+def fake_bench_records(results_dir):
+    """Two records `bench --record` keeps: res_512_d at its own settings, and with a setting changed."""
+    bench = results_dir / "bench"
+    bench.mkdir(parents=True)
+    for name, settings, ours in [("h100-res_512_d-b128", {}, 16480.2),
+                                 ("h100-res_512_d-b128-compile-True", {"compile": True}, 31234.5)]:
+        (bench / f"{name}.json").write_text(json.dumps({
+            "experiment": "res_512_d", "batch_size": 128, "settings": settings, "device": "H100 80GB HBM3",
+            "device_type": "cuda", "data_variant": "exact-offline",
+            "images_per_second": {"limit": 17006.5, "ours": ours, "seed-style": 6988.8},
+            "ratios": {"ours/limit": ours / 17006.5, "ours/seed-style": ours / 6988.8}}))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
@@ -73,6 +86,7 @@ def built(tmp_path_factory):
     printed = io.StringIO()
     folders = outputs(root / "out")
     fake_check(folders["results_dir"])
+    fake_bench_records(folders["results_dir"])
     with contextlib.redirect_stdout(printed):
         paths = build_report(training, **folders)
     return root, paths, printed.getvalue()
@@ -180,6 +194,16 @@ def test_the_pdf_reports_the_runs(built):
     assert "| res_512_d |" in readme and "old" not in readme
 
 
+def test_the_speed_table_holds_the_bench_records_at_their_experiments_own_settings(built):
+    root, _, _ = built
+    text = pdf_text(root / "out" / REPORT_FILE)
+    speed = text[text.index("7. Speed"):text.index("8. Limitations")]
+    for expected in ["res_512_d", "H100 80GB HBM3", "17,006", "16,480", "6,989", "0.97", "2.36"]:
+        assert expected in speed, expected
+    assert "31,234" not in text  # measured with compile=true: in results/bench.md only
+    assert "python -m common bench --experiment NAME --device DEVICE --record" in text
+
+
 @pytest.mark.parametrize("device, by_model_alone", [
     ("CPU: AMD EPYC, 2 threads", True), ("CPU: Intel Xeon @ 2.50GHz, 2 threads", True),
     ("CPU: AMD EPYC, 2 threads + CPU: AMD EPYC (AVX2), 2 threads", True),
@@ -199,6 +223,7 @@ def test_the_report_command_rebuilds_the_same_bytes(built):
     root, _, _ = built
     again = outputs(root / "again")
     fake_check(again["results_dir"])
+    fake_bench_records(again["results_dir"])
     result = cli("report", "--training-dir", root / "training", "--top-dir", again["top_dir"],
                  "--results-dir", again["results_dir"], "--readme", again["readme"])
     assert result.returncode == 0, result.stderr
@@ -212,16 +237,25 @@ def test_with_no_runs_the_report_says_so(tmp_path):
     text = pdf_text(tmp_path / "out" / REPORT_FILE)
     assert "No experiment has a full-budget run yet" in text
     assert "Not shown: none of og_resnet" in text
+    assert "Not measured yet" in text  # no bench records
     rows = read_csv(tmp_path / "out" / "results" / "summary.csv")
     assert {row["budget"] for row in rows} == {"not run"} and len(rows) == len(EXPERIMENTS)
 
 
-def test_the_results_table_breaks_no_word_mid_way():
+@pytest.mark.parametrize("columns, widths, longest", [
+    ("RESULT_COLUMNS", "RESULT_WIDTHS",
+     ["changing_activations/leakyrelu", "3/200 ep", "exact-offline", "CPU: AMD EPYC, 2 threads", "0, 1, 2",
+      "96.25 ± 0.01", "96.19 ± 0.03", "96.68 ± 0.10 (TTA)", "90.5 min", "85.13/84.96"]),
+    ("SPEED_COLUMNS", "SPEED_WIDTHS",
+     ["changing_activations/leakyrelu", "1024", "CPU: Intel Xeon @ 2.50GHz, 2 threads", "exact-offline",
+      "175,866", "151,701", "10,297", "0.86", "14.73"]),
+])
+def test_a_table_breaks_no_word_mid_way(columns, widths, longest):
     from reportlab.platypus import Paragraph
-    from common.report import FRAME_WIDTH, RESULT_COLUMNS, RESULT_WIDTHS, STYLES
-    longest = ["changing_activations/leakyrelu", "3/200 ep", "exact-offline", "CPU: AMD EPYC, 2 threads",
-               "0, 1, 2", "96.25 ± 0.01", "96.19 ± 0.03", "96.68 ± 0.10 (TTA)", "90.5 min", "85.13/84.96"]
-    for header, values, width in zip(RESULT_COLUMNS, longest, RESULT_WIDTHS):
-        room = width * FRAME_WIDTH / sum(RESULT_WIDTHS) - 6  # less the cell's padding
+    from common import report
+    from common.report import FRAME_WIDTH, STYLES
+    columns, widths = getattr(report, columns), getattr(report, widths)
+    for header, values, width in zip(columns, longest, widths, strict=True):
+        room = width * FRAME_WIDTH / sum(widths) - 6  # less the cell's padding
         for word, style in [(w, "head") for w in header.split()] + [(w, "cell") for w in values.split()]:
             assert Paragraph(word, STYLES[style]).wrap(room, 100)[1] <= STYLES[style].leading, (header, word)
