@@ -73,7 +73,7 @@ class Config:
     compile: bool = False  # torch.compile the training model
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     channels_last: bool = True  # images and weights in the channels-last layout (devices.prepare)
-    bf16: Optional[bool] = None  # bf16 autocast (devices.autocast_for); None: on CUDA, off on a CPU
+    bf16: Optional[bool] = None  # bf16 autocast (devices.uses_bf16); None: on a GPU with native bf16, else off
     # augmentation, applied on the training device
     crop_padding: int = 4
     pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds

@@ -63,21 +63,42 @@ def device_name(device):
     return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
-def autocast_for(device, config):
-    """bf16 autocast (BatchNorm and the loss stay float32) where `config.bf16` asks for it, by
-    default on CUDA only: on a CPU it is for one with bf16 instructions (AVX512-BF16, AMX;
-    results/bench.md has an AMD EPYC's figures); others emulate them, and a warning says so."""
+# The first GPUs computing in bf16 natively (Ampere: A100, RTX 30xx); older ones (T4, V100, RTX
+# 20xx) emulate it, slower than float32.
+BF16_GPU_CAPABILITY = (8, 0)
+
+
+def uses_bf16(device, config):
+    """Whether a run on `device` computes in bf16 autocast: as `config.bf16` says, and where it says
+    nothing (None), on a GPU with native bf16 only."""
     device = torch.device(device)
-    enabled = device.type == "cuda" if config.bf16 is None else config.bf16
-    if enabled and device.type == "cpu":
-        warn_if_bf16_is_emulated()
+    if config.bf16 is not None:
+        return config.bf16
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+
+
+def autocast_for(device, config):
+    """bf16 autocast (BatchNorm and the loss stay float32) where `uses_bf16`: by default on a GPU
+    with native bf16; on a CPU only when asked for, for one with bf16 instructions (AVX512-BF16,
+    AMX; results/bench.md has an AMD EPYC's figures). Asked for where it is emulated, it warns."""
+    device = torch.device(device)
+    enabled = uses_bf16(device, config)
+    if enabled:
+        warn_if_bf16_is_emulated(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @functools.cache
-def warn_if_bf16_is_emulated():
-    """Once a process: on a CPU without bf16 instructions (one that lists its flags), bf16
-    autocast runs emulated, many times slower than float32."""
+def warn_if_bf16_is_emulated(device):
+    """Once a process and device: bf16 autocast on a CPU without bf16 instructions (one that lists
+    its flags), or on a GPU older than Ampere, runs emulated, slower than float32."""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < BF16_GPU_CAPABILITY:
+            print(f"warning: {torch.cuda.get_device_name(device)} (compute capability "
+                  f"{'.'.join(map(str, capability))}) has no native bf16: bf16 autocast runs emulated "
+                  f"here, slower than float32; --set bf16=false avoids it", file=sys.stderr)
+        return
     flags = cpu_flags(cpu_info())
     if flags and not bf16_instructions(flags):
         print(f"warning: this CPU has no bf16 instructions ({', '.join(BF16_INSTRUCTIONS.values())}): bf16 "

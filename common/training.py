@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import data as cifar
 from .config import NULLABLE, Config, UserError, differing_settings
-from .devices import autocast_for, device_name, prepare, resolve_device
+from .devices import autocast_for, device_name, prepare, resolve_device, uses_bf16
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
@@ -231,7 +231,8 @@ class TrainingRun:
         self.history, self.info = checkpoint["history"], checkpoint["info"]
         self.info["status"] = "running"
         # info["git"] and info["device"] stay what the run started with; each resume records its own.
-        resumed = {"at": now(), "git": git_commit(), "device": device_name(device)}
+        resumed = {"at": now(), "git": git_commit(), "device": device_name(device),
+                   "bf16": uses_bf16(device, self.config)}
         if unfit:
             # A generator's state cannot move between kinds of device: new streams, drawn from
             # the seed and the position, carry on; the run is then no longer an exact replay.
@@ -438,7 +439,7 @@ def describe_run(run, device, full_budget):
         "data": {"folder": str(run.data.folder), "variant": run.data.variant, "sha256": run.data.digest,
                  "train_images": len(run.data.train_labels), "test_images": len(run.test[1]),
                  "val_images": config.val},
-        "device": {"type": device.type, "name": device_name(device)},
+        "device": {"type": device.type, "name": device_name(device), "bf16": uses_bf16(device, config)},
         "world_size": run.cluster.world_size,
         "torch": str(torch.__version__),
         "python": platform.python_version(),

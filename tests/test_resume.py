@@ -64,6 +64,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypat
     assert run.info["status"] == "complete" and run.info["git"] == info["git"]  # the code it started with
     assert [resume["git"]["commit"] for resume in run.info["resumed"]] == ["f" * 40]  # and resumed with
     assert run.info["resumed"][0]["device"] == run.info["device"]["name"]
+    assert run.info["resumed"][0]["bf16"] is run.info["device"]["bf16"] is False
     straight, resumed = (histories_and_weights(tmp_path / d) for d in ("straight", "resumed"))
     assert straight[0] == resumed[0]
     assert straight[1].keys() == resumed[1].keys()

@@ -262,10 +262,30 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(flags, warned, monke
     assert capsys.readouterr().err.count("no bf16 instructions") == warned
 
 
+@pytest.mark.parametrize("capability, bf16, used, warned", [
+    ((9, 0), None, True, 0), ((8, 0), None, True, 0), ((7, 5), None, False, 0), ((7, 5), False, False, 0),
+    ((7, 5), True, True, 1), ((8, 6), False, False, 0),
+])
+def test_on_a_gpu_bf16_is_the_default_only_where_it_is_native(capability, bf16, used, warned, monkeypatch,
+                                                              capsys):
+    """An H100 or A100 trains in bf16 by default; a T4 (compute capability 7.5) in float32, and
+    warns when bf16 is asked for, as it is emulated there."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    devices.warn_if_bf16_is_emulated.cache_clear()
+    assert devices.uses_bf16(gpu, Config(bf16=bf16)) is used
+    if used:
+        devices.warn_if_bf16_is_emulated(gpu)
+    devices.warn_if_bf16_is_emulated.cache_clear()
+    assert capsys.readouterr().err.count("Tesla T4 (compute capability 7.5) has no native bf16") == warned
+
+
 def test_a_bf16_cpu_run_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny):
     plain, bf16 = (train("fast94", out_dir=tmp_path / str(b), epochs=1, bf16=b, widths=[8, 16, 16], **tiny)
                    for b in (None, True))
     assert bf16.history != plain.history and all(math.isfinite(v) for v in bf16.history["train_loss"])
+    assert bf16.info["device"]["bf16"] is True and plain.info["device"]["bf16"] is False  # run.json says which
     weights = torch.load(tmp_path / "True" / "model.pt", weights_only=True)
     assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 
