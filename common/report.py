@@ -2,9 +2,10 @@
 the run folders that exist, so the report can never disagree with the runs.
 
 Every measured number is read from a run's history files and run.json (speeds from the records
-`bench --record` keeps), every parameter and multiply-add count from the models themselves. An experiment without a run says "not run", and a
-smoke run (a reduced budget) is listed apart from the results, never among them. The only numbers
-typed here are PUBLIC_ANCHORS: published figures of others, quoted and attributed as such.
+`bench --record` keeps), every parameter and multiply-add count from the models themselves. An
+experiment without a run says "not run", and a smoke run (a reduced budget) is listed apart from
+the results, never among them. The only numbers typed here are PUBLIC_ANCHORS: published figures
+of others, quoted and attributed as such.
 """
 import csv
 import dataclasses
@@ -560,9 +561,9 @@ def speed_section(records, tables):
              "<i>ours</i> is this project's training loop on real images with its on-device augmentation, "
              "and <i>seed-style</i> the original study's per-image PIL transforms in a DataLoader with 2 "
              "workers. ours/limit says how much of the model's own speed the loop keeps, ours/seed-style "
-             "what it gains over the original's input pipeline; being taken within one process, the ratios "
-             "compare across machines where the speeds, on shared machines of varying speed, do only "
-             "roughly. Rows are configurations at their experiment's own settings; those measured with a "
+             "what it gains over the original's input pipeline. Taken within one process, the ratios compare "
+             "across machines; the speeds themselves vary with the machine and, on a shared one, with the "
+             "hour. Rows are configurations at their experiment's own settings; those measured with a "
              "setting changed (memory layout, micro-batches, bf16, torch.compile) are in "
              f"{code('results/bench.md')}, each with its command and code."),
     ]
