@@ -32,7 +32,7 @@ from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
 from .models import meta_model, model_from_config, training_flops
-from .devices import autocast_for, device_name, prepare, resolve_device, uses_bf16
+from .devices import AUTOCAST_DTYPES, autocast_for, device_name, loss_scaler, precision, prepare, resolve_device
 from .recipe import make_optimizer
 from .training import epoch_start_position, forward_backward, git_commit, now, start_run, train_one_epoch
 
@@ -73,13 +73,14 @@ def model_and_step(config, device):
     torch.manual_seed(config.seed)
     model = prepare(model_from_config(config).to(device), config)
     optimizer = make_optimizer(model, config)
-    autocast = autocast_for(device, config)
+    autocast, scaler = autocast_for(device, config), loss_scaler(device, config)
     train_model = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(train_model, prepare(x, config), y, config, autocast)
-        optimizer.step()
+        forward_backward(train_model, prepare(x, config), y, config, autocast, scaler)
+        scaler.step(optimizer)
+        scaler.update()
     return model.train(), step
 
 
@@ -169,10 +170,10 @@ def seed_style_timer(config, device, data, steps):
     return timed_steps
 
 
-def matmul_timer(device, bf16, count=5):
-    """A dense square matrix multiply in the precision the model trains in (bf16 or float32), a rate
-    to read the rest by: a timer doing it `count` times, the FLOPs of that, and what was multiplied."""
-    n, dtype = 2048 if device.type == "cpu" else 8192, torch.bfloat16 if bf16 else torch.float32
+def matmul_timer(device, dtype, count=5):
+    """A dense square matrix multiply in the precision the model trains in, a rate to read the rest
+    by: a timer doing it `count` times, the FLOPs of that, and what was multiplied."""
+    n = 2048 if device.type == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
 
@@ -203,7 +204,8 @@ def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, s
             "seed-style": lambda: seed_style_timer(config, device, data, steps),
         }
         timers = {mode: make_timer[mode]() for mode in modes}  # each built and warmed up once
-        timers["matmul"], matmul_flops, matmul_kind = matmul_timer(device, uses_bf16(device, config))
+        timers["matmul"], matmul_flops, matmul_kind = matmul_timer(
+            device, AUTOCAST_DTYPES.get(precision(device, config), torch.float32))
         median_seconds = interleaved_seconds(timers, repeats)
     matmul = matmul_flops / median_seconds.pop("matmul")
     rates = {mode: steps * config.batch_size / median for mode, median in median_seconds.items()}

@@ -73,7 +73,8 @@ class Config:
     compile: bool = False  # torch.compile the training model
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
     channels_last: bool = True  # images and weights in the channels-last layout (devices.prepare)
-    bf16: Optional[bool] = None  # bf16 autocast (devices.uses_bf16); None: on a GPU with native bf16, else off
+    bf16: Optional[bool] = None  # bf16 autocast (devices.precision); None: on a GPU with native bf16, else off
+    fp16: bool = False  # float16 autocast with loss scaling: for GPUs without native bf16 (T4, V100, RTX 20xx)
     # augmentation, applied on the training device
     crop_padding: int = 4
     pad_mode: str = "zeros"  # zeros or reflect: what the crop's padding holds
@@ -112,6 +113,7 @@ class Config:
             (self.averaging in ("none", "ema", "lookahead"),
              f"averaging is none, ema or lookahead, got {self.averaging!r}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (not (self.bf16 and self.fp16), "bf16 and fp16 exclude each other; set one"),
             (self.compile_mode in COMPILE_MODES,
              f"compile_mode is {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}"),
             (0.0 <= self.label_smoothing < 1.0,

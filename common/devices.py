@@ -68,24 +68,38 @@ def device_name(device):
 BF16_GPU_CAPABILITY = (8, 0)
 
 
-def uses_bf16(device, config):
-    """Whether a run on `device` computes in bf16 autocast: as `config.bf16` says, and where it says
-    nothing (None), on a GPU with native bf16 only."""
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(device, config):
+    """What a run on `device` computes in: "bf16" or "fp16" autocast, or "float32". fp16 where the
+    config asks for it; bf16 where `config.bf16` says so, and where it says nothing (None), on a GPU
+    with native bf16."""
     device = torch.device(device)
-    if config.bf16 is not None:
-        return config.bf16
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+    if config.fp16:
+        return "fp16"
+    if config.bf16 is None:
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+        return "bf16" if native else "float32"
+    return "bf16" if config.bf16 else "float32"
 
 
 def autocast_for(device, config):
-    """bf16 autocast (BatchNorm and the loss stay float32) where `uses_bf16`: by default on a GPU
-    with native bf16; on a CPU only when asked for, for one with bf16 instructions (AVX512-BF16,
-    AMX; results/bench.md has an AMD EPYC's figures). Asked for where it is emulated, it warns."""
+    """Autocast in the run's `precision` (BatchNorm and the loss stay float32): bf16 by default on a
+    GPU with native bf16; on a CPU only when asked for, for one with bf16 instructions (AVX512-BF16,
+    AMX; results/bench.md has an AMD EPYC's figures). bf16 asked for where it is emulated warns."""
     device = torch.device(device)
-    enabled = uses_bf16(device, config)
-    if enabled:
+    dtype = AUTOCAST_DTYPES.get(precision(device, config))
+    if dtype is torch.bfloat16:
         warn_if_bf16_is_emulated(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def loss_scaler(device, config):
+    """With fp16, a GradScaler: float16's narrow range would flush small gradients to zero, so the
+    loss is scaled up before backward and the gradients down before the step, and a step whose
+    gradients overflowed is skipped (the scale then halves). Otherwise one that does nothing."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=config.fp16)
 
 
 @functools.cache
@@ -97,7 +111,7 @@ def warn_if_bf16_is_emulated(device):
         if capability < BF16_GPU_CAPABILITY:
             print(f"warning: {torch.cuda.get_device_name(device)} (compute capability "
                   f"{'.'.join(map(str, capability))}) has no native bf16: bf16 autocast runs emulated "
-                  f"here, slower than float32; --set bf16=false avoids it", file=sys.stderr)
+                  f"here, slower than float32; --set fp16=true trains in float16 instead", file=sys.stderr)
         return
     flags = cpu_flags(cpu_info())
     if flags and not bf16_instructions(flags):

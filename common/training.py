@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import data as cifar
 from .config import NULLABLE, Config, UserError, differing_settings
-from .devices import autocast_for, device_name, prepare, resolve_device, uses_bf16
+from .devices import autocast_for, device_name, loss_scaler, precision, prepare, resolve_device
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
 from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError, evaluated_set,
@@ -188,6 +188,7 @@ class TrainingRun:
     position: dict
     average: WeightAverage = None
     mirror: torch.Tensor = None  # alternating flip: which images are flipped in even epochs
+    scaler: torch.amp.GradScaler = None  # fp16's loss scaling (devices.loss_scaler)
 
     @property
     def steps_per_epoch(self):
@@ -209,7 +210,8 @@ class TrainingRun:
                 "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "average": self.average.model.state_dict() if self.average is not None else None,
-                "rng": rng_states(self.generators), "position": dict(self.position),
+                "scaler": self.scaler.state_dict(), "rng": rng_states(self.generators),
+                "position": dict(self.position),
                 "history": self.history, "info": self.info})
 
     def interrupted(self, signal_number, where):
@@ -224,6 +226,8 @@ class TrainingRun:
             self.average.model.load_state_dict(checkpoint["average"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["schedule"])
+        if checkpoint.get("scaler"):  # fp16 runs' (checkpoints before fp16 have none)
+            self.scaler.load_state_dict(checkpoint["scaler"])
         unfit = restore_rng_states(checkpoint["rng"], self.generators)
         device = self.data.train_images.device
         self.position = {k: v.to(device) if torch.is_tensor(v) else v
@@ -232,7 +236,7 @@ class TrainingRun:
         self.info["status"] = "running"
         # info["git"] and info["device"] stay what the run started with; each resume records its own.
         resumed = {"at": now(), "git": git_commit(), "device": device_name(device),
-                   "bf16": uses_bf16(device, self.config)}
+                   "precision": precision(device, self.config)}
         if unfit:
             # A generator's state cannot move between kinds of device: new streams, drawn from
             # the seed and the position, carry on; the run is then no longer an exact replay.
@@ -293,6 +297,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
                                     config.epochs * run.steps_per_epoch)
     if config.alternating_flip:
         run.mirror = cifar.alternating_mirror(config.seed, len(data.train_labels), device)
+    run.scaler = loss_scaler(device, config)
     if checkpoint is None:
         run.info = describe_run(run, device, full_budget)
         if cluster.is_main:
@@ -439,7 +444,7 @@ def describe_run(run, device, full_budget):
         "data": {"folder": str(run.data.folder), "variant": run.data.variant, "sha256": run.data.digest,
                  "train_images": len(run.data.train_labels), "test_images": len(run.test[1]),
                  "val_images": config.val},
-        "device": {"type": device.type, "name": device_name(device), "bf16": uses_bf16(device, config)},
+        "device": {"type": device.type, "name": device_name(device), "precision": precision(device, config)},
         "world_size": run.cluster.world_size,
         "torch": str(torch.__version__),
         "python": platform.python_version(),
@@ -486,8 +491,9 @@ def train_one_epoch(run, autocast, progress, stop):
         x = prepare(augmented_batch(run, images, index), config)
         y = labels[index]
         run.optimizer.zero_grad(set_to_none=True)
-        output, loss = forward_backward(run.train_model, x, y, config, autocast)
-        run.optimizer.step()
+        output, loss = forward_backward(run.train_model, x, y, config, autocast, run.scaler)
+        run.scaler.step(run.optimizer)  # optimizer.step() but for an fp16 step whose gradients overflowed
+        run.scaler.update()
         if SCHEDULES[config.schedule][0] == "step":
             run.schedule.step()
         if run.average is not None:
@@ -505,7 +511,7 @@ def train_one_epoch(run, autocast, progress, stop):
     return not run.cluster.any(stop.signal is not None)
 
 
-def forward_backward(model, x, y, config, autocast):
+def forward_backward(model, x, y, config, autocast, scaler):
     """Logits and mean loss of a batch, its gradients accumulated in the parameters. With
     `micro_batch`, in chunks (the same gradient but for BatchNorm, which sees each chunk's
     statistics): big batches can run faster that way where caches are small, as on CPUs."""
@@ -514,7 +520,7 @@ def forward_backward(model, x, y, config, autocast):
         with autocast:
             output = model(xc)
             loss = F.cross_entropy(output.float(), yc, label_smoothing=config.label_smoothing)
-        (loss * (len(yc) / len(y))).backward()
+        scaler.scale(loss * (len(yc) / len(y))).backward()
         # A copy: under CUDA graphs (compile_mode=reduce-overhead) the next chunk's forward starts
         # a new generation, which may overwrite this output's memory.
         outputs.append(output.detach().clone())

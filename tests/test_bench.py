@@ -55,8 +55,8 @@ def test_bench_settings_reach_limit_and_ours_alike_and_name_the_record(tmp_path,
 def test_bench_takes_any_field_in_settings_its_flags_win_and_the_limit_steps_as_the_loop(fake_data, monkeypatch):
     from common import bench
     batches, forward_backward = [], bench.forward_backward
-    monkeypatch.setattr(bench, "forward_backward", lambda model, x, y, config, autocast: batches.append(
-        (len(x), config.micro_batch)) or forward_backward(model, x, y, config, autocast))
+    monkeypatch.setattr(bench, "forward_backward", lambda model, x, y, config, autocast, scaler: batches.append(
+        (len(x), config.micro_batch)) or forward_backward(model, x, y, config, autocast, scaler))
     result = bench.bench("res_512", batch_size=8, data_dir=str(fake_data), steps=1, repeats=1, modes=("limit",),
                          settings={"device": "cpu", "download": False, "batch_size": 4, "micro_batch": 4})
     assert result["batch_size"] == 8 and result["device_type"] == "cpu"

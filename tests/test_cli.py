@@ -84,6 +84,7 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     (["train", "res_512_d", "--set", "lr=fast"], "lr expects a float"),
     (["train", "res_512_d", "--set", "compile_mode=fastest"], "compile_mode is default, reduce-overhead"),
     (["bench", "--set", "compile=maybe"], "compile expects a bool"),
+    (["train", "fast94", "--set", "bf16=true", "--set", "fp16=true"], "bf16 and fp16 exclude each other"),
     (["train", "fast94", "--set", "micro_batch=abc"], "micro_batch expects an int or null, got 'abc'"),
     (["train", "fast94", "--set", "micro_batch=2.5"], "micro_batch expects an int or null, got 2.5"),
     (["train", "res_512_d", "--set", "dropout=abc"], "dropout expects a float or null"),

@@ -317,11 +317,12 @@ def test_ema_follows_the_weights_and_lookahead_pulls_them_back():
 def test_micro_batches_give_the_full_batch_gradient():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
     x, y = torch.randn(12, 3, 32, 32), torch.arange(12) % 10
-    autocast = torch.autocast("cpu", enabled=False)
+    autocast, no_scaling = torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
     grads = []
     for micro in (None, 5):
         model.zero_grad()
-        output, loss = forward_backward(model, x, y, Config(micro_batch=micro, label_smoothing=0.1), autocast)
+        output, loss = forward_backward(model, x, y, Config(micro_batch=micro, label_smoothing=0.1), autocast,
+                                       no_scaling)
         grads.append((model[1].weight.grad.clone(), loss, output))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1]) and torch.allclose(grads[0][2], grads[1][2])

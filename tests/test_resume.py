@@ -39,11 +39,13 @@ def interrupt_at_step(monkeypatch, step, signal_number=signal.SIGINT):
 
 # fast94 adds what a resume must also restore: lookahead averaging across epochs, alternating
 # flips, a per-step schedule, the whitening fitted to the data; best_5m an EMA of the weights,
-# TrivialAugment, cutout and warm-up, here with micro-batches too; Muon its momentum buffers.
+# TrivialAugment, cutout and warm-up, here with micro-batches too; Muon its momentum buffers; fp16
+# its loss scaler.
 @pytest.mark.parametrize("experiment, extra", [("res_512_d", {}), ("fast94", {"widths": (8, 16, 16)}),
                                                ("best_5m", {"widths": (8, 16, 16), "micro_batch": 32}),
-                                               ("fast94", {"widths": (8, 16, 16), "optimizer": "muon"})],
-                         ids=["res_512_d", "fast94", "best_5m", "fast94-muon"])
+                                               ("fast94", {"widths": (8, 16, 16), "optimizer": "muon"}),
+                                               ("fast94", {"widths": (8, 16, 16), "fp16": True})],
+                         ids=["res_512_d", "fast94", "best_5m", "fast94-muon", "fast94-fp16"])
 @pytest.mark.parametrize("stop_step", [6, 8], ids=["mid-epoch", "end-of-epoch-2"])
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypatch, stop_step, experiment,
                                                        extra):
@@ -64,7 +66,9 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypat
     assert run.info["status"] == "complete" and run.info["git"] == info["git"]  # the code it started with
     assert [resume["git"]["commit"] for resume in run.info["resumed"]] == ["f" * 40]  # and resumed with
     assert run.info["resumed"][0]["device"] == run.info["device"]["name"]
-    assert run.info["resumed"][0]["bf16"] is run.info["device"]["bf16"] is False
+    assert run.info["resumed"][0]["precision"] == run.info["device"]["precision"]
+    scalers = [load_checkpoint(tmp_path / d)["scaler"] for d in ("straight", "resumed")]
+    assert scalers[0] == scalers[1]  # fp16's counts its steps since the scale last changed
     straight, resumed = (histories_and_weights(tmp_path / d) for d in ("straight", "resumed"))
     assert straight[0] == resumed[0]
     assert straight[1].keys() == resumed[1].keys()

@@ -9,7 +9,7 @@ from torch import nn
 from common import devices, training
 from common.config import Config, UserError
 from common.devices import resolve_device
-from common.history import HISTORY_FILES, read_history
+from common.history import HISTORY_FILES, load_checkpoint, read_history
 from common.muon import Muon
 from common.recipe import OPTIMIZERS, make_optimizer, make_schedule
 from common.training import evaluate, train
@@ -262,30 +262,39 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(flags, warned, monke
     assert capsys.readouterr().err.count("no bf16 instructions") == warned
 
 
-@pytest.mark.parametrize("capability, bf16, used, warned", [
-    ((9, 0), None, True, 0), ((8, 0), None, True, 0), ((7, 5), None, False, 0), ((7, 5), False, False, 0),
-    ((7, 5), True, True, 1), ((8, 6), False, False, 0),
+@pytest.mark.parametrize("capability, settings, computes_in, warned", [
+    ((9, 0), {}, "bf16", 0), ((8, 0), {}, "bf16", 0), ((7, 5), {}, "float32", 0),
+    ((7, 5), {"bf16": False}, "float32", 0), ((7, 5), {"bf16": True}, "bf16", 1),
+    ((8, 6), {"bf16": False}, "float32", 0), ((7, 5), {"fp16": True}, "fp16", 0), ((9, 0), {"fp16": True}, "fp16", 0),
 ])
-def test_on_a_gpu_bf16_is_the_default_only_where_it_is_native(capability, bf16, used, warned, monkeypatch,
-                                                              capsys):
+def test_on_a_gpu_bf16_is_the_default_only_where_it_is_native(capability, settings, computes_in, warned,
+                                                              monkeypatch, capsys):
     """An H100 or A100 trains in bf16 by default; a T4 (compute capability 7.5) in float32, and
-    warns when bf16 is asked for, as it is emulated there."""
+    warns when bf16 is asked for, as it is emulated there; fp16 is there for it."""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     devices.warn_if_bf16_is_emulated.cache_clear()
-    assert devices.uses_bf16(gpu, Config(bf16=bf16)) is used
-    if used:
+    assert devices.precision(gpu, Config(**settings)) == computes_in
+    if computes_in == "bf16":
         devices.warn_if_bf16_is_emulated(gpu)
     devices.warn_if_bf16_is_emulated.cache_clear()
     assert capsys.readouterr().err.count("Tesla T4 (compute capability 7.5) has no native bf16") == warned
+
+
+def test_an_fp16_run_scales_its_loss_and_keeps_float32_weights(tmp_path, tiny):
+    run = train("fast94", out_dir=tmp_path, epochs=1, fp16=True, widths=[8, 16, 16], **tiny)
+    assert run.info["device"]["precision"] == "fp16" and all(math.isfinite(v) for v in run.history["train_loss"])
+    assert load_checkpoint(tmp_path)["scaler"]["scale"] > 1  # the loss scaled up for backward
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 
 
 def test_a_bf16_cpu_run_trains_in_bf16_and_keeps_float32_weights(tmp_path, tiny):
     plain, bf16 = (train("fast94", out_dir=tmp_path / str(b), epochs=1, bf16=b, widths=[8, 16, 16], **tiny)
                    for b in (None, True))
     assert bf16.history != plain.history and all(math.isfinite(v) for v in bf16.history["train_loss"])
-    assert bf16.info["device"]["bf16"] is True and plain.info["device"]["bf16"] is False  # run.json says which
+    assert bf16.info["device"]["precision"] == "bf16" and plain.info["device"]["precision"] == "float32"
     weights = torch.load(tmp_path / "True" / "model.pt", weights_only=True)
     assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
 
