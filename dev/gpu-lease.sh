@@ -56,6 +56,10 @@ stage)
         --set optimizer=muon --set batch_size=2000 --set lr=1.66 --set lr_batch_size=2000 \
         --set weight_decay=2.4e-3 --set schedule=linear --set warmup=0 --set averaging=none \
         --out results/checks/gpu-fast94-1conv-muon $DATA > $LOGS/fast94-1conv-muon.log 2>&1 &
+    # fp16 with loss scaling (for GPUs without native bf16) never trained on a GPU: three seeds of
+    # fast94 in it, set against the bf16 seeds in training/fast94.
+    timeout -s TERM $RUNS_S python3 -m common train fast94 --seeds 3 --set fp16=true \
+        --out results/checks/gpu-fast94-fp16 $DATA > $LOGS/fast94-fp16.log 2>&1 &
     # No sweep runs here: best_5m (4.3 min alone on an H200) needs the GPU to itself to end in time,
     # and the CPU sessions run the sweeps' 50-epoch runs (about 90 min each on an AMD EPYC).
     wait
