@@ -66,8 +66,6 @@ def device_name(device):
 # The first GPUs computing in bf16 natively (Ampere: A100, RTX 30xx); older ones (T4, V100, RTX
 # 20xx) emulate it, slower than float32.
 BF16_GPU_CAPABILITY = (8, 0)
-
-
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -78,10 +76,10 @@ def precision(device, config):
     device = torch.device(device)
     if config.fp16:
         return "fp16"
-    if config.bf16 is None:
-        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
-        return "bf16" if native else "float32"
-    return "bf16" if config.bf16 else "float32"
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+    return "bf16" if bf16 else "float32"
 
 
 def autocast_for(device, config):
