@@ -1,5 +1,6 @@
-"""Where a run computes and how: the device asked for, its name as run.json records it, bf16
-autocast and the channels-last memory layout."""
+"""Where a run computes and how: the device asked for, its name as run.json records it, its
+precision (bf16 or fp16 autocast, fp16's loss scaling, or float32) and the channels-last memory
+layout."""
 import functools
 import platform
 import sys

@@ -5,7 +5,7 @@ the device and builds the model, optimiser and random generators (or restores th
 checkpoint); `run_epochs` then, epoch by epoch, steps through a permutation of the training set
 (`train_one_epoch`: augment, forward, backward, step) and `finish_epoch` evaluates on the test set
 and rewrites the history files, run.json and checkpoint. The optimisers, schedules and weight
-averaging it calls are in recipe.py; the device, bf16 and memory layout in devices.py.
+averaging it calls are in recipe.py; the device, precision and memory layout in devices.py.
 """
 import contextlib
 import datetime
