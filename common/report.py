@@ -348,7 +348,11 @@ def methods_section(tables):
         para("2.2 Recipe", "h2"),
         para("Every experiment is the default configuration below with a few fields changed (Table 3). "
              "Augmentation runs on the training device; accuracy is counted per image over the whole test "
-             "set after every epoch, and no model is selected on the test set."),
+             "set after every epoch, and no model is selected on the test set. With bf16 and fp16 at their "
+             "defaults, a run computes in bf16 autocast on a GPU with native bf16 (compute capability 8.0 or "
+             "newer) and in float32 elsewhere; run.json records the precision of runs started from 2026-12-07 "
+             "on (before, every GPU run computed in bf16 and every CPU run in float32 unless its settings "
+             "say bf16=True)."),
         *table(tables, ["setting", "default"], [[f.name, getattr(defaults, f.name)] for f in shown],
                f"The defaults of {code('common/config.py')}'s Config: the original study's "
                "recipe. None means the architecture's own choice.", widths=[1, 3]),
