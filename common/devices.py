@@ -70,6 +70,10 @@ BF16_GPU_CAPABILITY = (8, 0)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def gpu_has_native_bf16(device):
+    return torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+
+
 def precision(device, config):
     """What a run on `device` computes in: "bf16" or "fp16" autocast, or "float32". fp16 where the
     config asks for it; bf16 where `config.bf16` says so, and where it says nothing (None), on a GPU
@@ -79,7 +83,7 @@ def precision(device, config):
         return "fp16"
     bf16 = config.bf16
     if bf16 is None:
-        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_GPU_CAPABILITY
+        bf16 = device.type == "cuda" and gpu_has_native_bf16(device)
     return "bf16" if bf16 else "float32"
 
 
@@ -106,10 +110,10 @@ def warn_if_bf16_is_emulated(device):
     """Once a process and device: bf16 autocast on a CPU without bf16 instructions (one that lists
     its flags), or on a GPU older than Ampere, runs emulated, slower than float32."""
     if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < BF16_GPU_CAPABILITY:
+        if not gpu_has_native_bf16(device):
+            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
             print(f"warning: {torch.cuda.get_device_name(device)} (compute capability "
-                  f"{'.'.join(map(str, capability))}) has no native bf16: bf16 autocast runs emulated "
+                  f"{capability}) has no native bf16: bf16 autocast runs emulated "
                   f"here, slower than float32; --set fp16=true trains in float16 instead", file=sys.stderr)
         return
     flags = cpu_flags(cpu_info())
