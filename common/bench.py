@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .charts import short_device_name
+from .config import COMPILE_WAYS, one_line
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
@@ -168,6 +169,28 @@ def seed_style_timer(config, device, data, steps):
         return seconds(device, run_steps)
     run_steps()  # warm-up: starts the workers
     return timed_steps
+
+
+def compile_costs(config, device, runs, steps, timed_steps=20, repeats=3, ways=tuple(COMPILE_WAYS)):
+    """What each way costs `runs` processes training `steps` steps in all of `config`'s model on
+    `device`: each way set up and warmed up, timed (its compile is in it, and each process pays it),
+    then its steps timed in turns on random tensors as the limit mode does. Returns {way: {"step":
+    seconds a step, "setup": seconds, "total": runs * setup + steps * step}}, or {way: {"error":
+    why}} for a way that fails here (torch.compile needs a C compiler, and Triton on a GPU)."""
+    costs, timers = {}, {}
+    for way in ways:
+        start = time.perf_counter()
+        try:
+            timer = limit_timer(config.replace(**COMPILE_WAYS[way]), device, timed_steps)
+            synchronize(device)
+        except Exception as e:  # whatever fails in the compiler stack rules this way out, not the study
+            costs[way] = {"error": one_line(e)}
+            continue
+        costs[way], timers[way] = {"setup": time.perf_counter() - start}, timer
+    for way, median in interleaved_seconds(timers, repeats).items():
+        step = median / timed_steps
+        costs[way].update(step=step, total=runs * costs[way]["setup"] + steps * step)
+    return costs
 
 
 def matmul_timer(device, dtype, count=5):

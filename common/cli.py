@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import UserError, parse_settings
+from .config import COMPILE_WAYS, UserError, parse_settings
 from .experiments import EXPERIMENTS, SEED_STUDY, get_experiment, twins
 
 
@@ -101,6 +101,10 @@ def cmd_study(args):
     from .models import meta_model
     from .study import finished, study
     from .devices import resolve_device
+    chosen_elsewhere = sorted({text.partition("=")[0] for text in args.set} & {"compile", "compile_mode"})
+    if chosen_elsewhere:
+        raise UserError(f"a study compiles with --compile (auto, eager, compile or cuda-graphs), not "
+                        f"--set {chosen_elsewhere[0]}")
     names = list(EXPERIMENTS) if args.all else SEED_STUDY if args.seed_study else args.names
     if not names:
         raise UserError("name experiments, or pass --seed-study or --all")
@@ -122,7 +126,7 @@ def cmd_study(args):
              for v in (f"--{key.replace('_', '-')}", value)]
     extra += ["--no-download"] * args.no_download + [v for text in args.set for v in ("--set", text)]
     outcomes = study(configs, parallel=args.parallel, devices=devices, extra_args=extra,
-                     out_root=args.out_root)
+                     out_root=args.out_root, compile_choice=args.compile)
     unfinished = [name for name, outcome in outcomes.items() if not finished(outcome)]
     if unfinished:
         raise UserError(f"{len(unfinished)} of {len(names)} experiment(s) did not complete: "
@@ -211,13 +215,17 @@ def build_parser():
     p.add_argument("--parallel", type=at_least_one, default=1, help="processes at once on each device")
     p.add_argument("--devices", default="auto", help="comma-separated, e.g. cuda:0,cuda:1")
     p.add_argument("--out-root", help="run folders go to OUT_ROOT/<experiment> (default: training/)")
+    p.add_argument("--compile", choices=("auto", *COMPILE_WAYS), default="auto",
+                   help="how the runs execute their models: eager, torch.compile, or torch.compile with "
+                        "CUDA graphs; auto (default): on a GPU the fastest, measured for each architecture "
+                        "and batch size of the study, compile times included; eager on a CPU")
     p.add_argument("--epochs", type=int, help="for every run (default: each experiment's)")
     p.add_argument("--subset", type=int, help="N stratified training images for every run: a smoke study")
     p.add_argument("--batch-size", type=int, help="for every run (default: each experiment's)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: <repo>/data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if data is missing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Config field for every experiment, e.g. --set compile=true")
+                   help="a Config field for every experiment, e.g. --set lr=0.05")
 
     p = commands.add_parser("notebooks", help="rewrite the experiments' notebooks from the registry")
     p.add_argument("--check", action="store_true", help="only report notebooks that differ")

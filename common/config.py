@@ -15,6 +15,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD_SEED = (0.2023, 0.1994, 0.2010)  # the widely copied values the original study used
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the training set's per-channel standard deviation
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The ways a run can execute its model, as the fields each sets (`study --compile`)
+COMPILE_WAYS = {
+    "eager": {"compile": False},
+    "compile": {"compile": True, "compile_mode": "default"},  # torch.compile: fused kernels
+    "cuda-graphs": {"compile": True, "compile_mode": "reduce-overhead"},  # the same, launched as CUDA graphs
+}
 
 
 class UserError(Exception):
@@ -214,17 +220,19 @@ def parse_setting(config, text):
     return key, checked(key, FIELD_TYPES[key], value)
 
 
-# Where a run's data and device may differ between its start and its resume.
-LOCATION_SETTINGS = {"data_dir", "download", "device"}
+# Where a run's data come from, its device, and whether its model is compiled (which changes the
+# arithmetic by rounding only) may differ between its start and its resume, and between two runs of
+# the same settings.
+EXECUTION_SETTINGS = {"data_dir", "download", "device", "compile", "compile_mode"}
 
 
 def differing_settings(saved, config):
-    """The settings, but for where the run ran (LOCATION_SETTINGS), in which a saved config (a
+    """The settings, but for where and how the run ran (EXECUTION_SETTINGS), in which a saved config (a
     checkpoint's or run.json's dict) differs from `config`."""
     saved = {**Config().to_dict(), **saved}  # a field newer than the saved config had its default then
     current = config.to_dict()
     return sorted(k for k in set(saved) | set(current)
-                  if k not in LOCATION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
+                  if k not in EXECUTION_SETTINGS and normalise(saved.get(k)) != normalise(current.get(k)))
 
 
 def normalise(value):

@@ -7,12 +7,15 @@ smoke study refuses to replace a full-budget run), one whose folder another run 
 and a failure is reported without stopping the others. An experiment whose registry settings equal
 an earlier one's in the same study (changing_optimisers/sgd's are changing_activations/relu's) is
 skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
-the epochs of them all.
+the epochs of them all. On a GPU, before any run starts, it measures which way of executing each
+model (eager, torch.compile, CUDA graphs) trains its runs soonest (compile_arguments).
 SIGINT, SIGTERM or SIGHUP to the study (Ctrl+C, a closed terminal; Ctrl+Break on Windows) stops
 every run it started, each after saving its checkpoint, so that the same command resumes them all.
 The runs are in process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
 """
 import itertools
+import json
+import math
 import os
 import re
 import signal
@@ -23,8 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import differing_settings
+from .bench import compile_costs
+from .config import COMPILE_WAYS, differing_settings
+from .data import load_cifar10
+from .devices import resolve_device
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
+from .models import model_options
 from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, read_run_info
 from .training import RunInterrupted, StopSignals
 
@@ -41,9 +48,11 @@ def read_status(folder):
         return {}
 
 
-def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, poll_seconds=0.5):
+def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, poll_seconds=0.5,
+          compile_choice="auto"):
     """Run the experiments named by `configs` ({name: the Config that `extra_args`, passed to each
-    `train`, make of it}) with `parallel` processes on each of `devices`; returns {name: outcome}."""
+    `train`, make of it}) with `parallel` processes on each of `devices`, each executing its model
+    the way `compile_choice` says (compile_arguments); returns {name: outcome}."""
     extra_args = list(extra_args)
     root = Path(out_root) if out_root else TRAINING_DIR
     outcomes, queue = {}, []
@@ -62,11 +71,14 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
             queue.append((name, folder, config.epochs, resume))
         if name in outcomes:
             tqdm.write(f"{name}: {outcomes[name]}")
-    slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
-    running = {}  # device slot index -> (name, folder, process)
     # Epochs resumed runs already did count as done, not as done in this session's first second.
     done_epochs = {name: read_status(folder).get("epochs_done", 0)
                    for name, folder, _, resume in queue if resume}
+    epochs_left = {name: epochs - done_epochs.get(name, 0) for name, _, epochs, _ in queue}
+    compile_args = compile_arguments({name: configs[name] for name in epochs_left}, epochs_left, devices[0],
+                                     compile_choice)
+    slots = list(itertools.chain.from_iterable([d] * parallel for d in devices))
+    running = {}  # device slot index -> (name, folder, process)
     progress = tqdm(total=sum(epochs for _, _, epochs, _ in queue), initial=sum(done_epochs.values()),
                     desc="study", unit="epoch")
     stop = StopSignals()
@@ -77,7 +89,8 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
                     if slot not in running and queue:
                         name, folder, _, resume = queue.pop(0)
                         try:
-                            running[slot] = (name, folder, launch(name, folder, device, extra_args, resume))
+                            running[slot] = (name, folder, launch(name, folder, device,
+                                                                  extra_args + compile_args[name], resume))
                         except OSError as e:  # a file where its folder should be, a read-only disk
                             outcomes[name] = f"not started: {folder} cannot be its run folder ({e.strerror})"
                             tqdm.write(f"{name}: {outcomes[name]}")
@@ -104,6 +117,51 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
         raise RunInterrupted(stop.signal, f"study stopped by {stop.signal.name}; the same command "
                                           "resumes every unfinished run")
     return outcomes
+
+
+def compile_arguments(configs, epochs_left, device, choice):
+    """{name: the `train` arguments that set how its run executes its model}: the way `choice`
+    names for every run, or with "auto" on a GPU the fastest way for each model and batch
+    (compiled_shape), as compile_costs measures it on the first such run's settings for the steps
+    left in all of them; eager elsewhere, as on a CPU compiling took minutes and its step measured
+    no faster (README, `study`)."""
+    ways = dict.fromkeys(configs, "eager" if choice == "auto" else choice)
+    if choice == "auto" and configs and resolve_device(device).type == "cuda":
+        groups = {}
+        for name, config in configs.items():
+            groups.setdefault(compiled_shape(config), []).append(name)
+        for names in groups.values():
+            way = fastest_way(configs, names, epochs_left, resolve_device(device))
+            ways.update(dict.fromkeys(names, way))
+    return {name: [value for key, setting in COMPILE_WAYS[way].items()
+                   for value in ("--set", f"{key}={json.dumps(setting)}")]
+            for name, way in ways.items()}
+
+
+def compiled_shape(config):
+    """What decides whether compiling a run's model pays: the model but for its activation, the
+    batch, the precision and the layout. (The activation and the optimiser, never compiled, hardly
+    change the number of kernels compiling saves launching.)"""
+    options = tuple(sorted((k, v) for k, v in model_options(config).items() if k != "activation"))
+    return (config.architecture, options, config.batch_size, config.micro_batch, config.bf16, config.fp16,
+            config.channels_last)
+
+
+def fastest_way(configs, names, epochs_left, device):
+    """The way of COMPILE_WAYS that trains the `epochs_left` of the runs `names` soonest on `device`,
+    measured on the first one's settings; what was measured is written out."""
+    config = configs[names[0]]
+    images = config.subset or len(load_cifar10(config.data_dir, allow_download=False).train_labels)
+    steps = sum(epochs_left[name] * math.ceil((images - configs[name].val) / config.batch_size) for name in names)
+    costs = compile_costs(config, device, len(names), steps)
+    fastest = min((way for way in costs if "total" in costs[way]), key=lambda way: costs[way]["total"],
+                  default="eager")  # where even eager fails, so will the runs, each reporting why
+    measured = "; ".join(f"{way} failed ({cost['error']})" if "error" in cost else
+                         f"{way} {1e3 * cost['step']:.2f} ms a step, set up in {cost['setup']:.0f} s: "
+                         f"{cost['total'] / 60:.1f} min" for way, cost in costs.items())
+    tqdm.write(f"{', '.join(names)} (batch {config.batch_size}, {steps:,} steps on {device}): {measured}; "
+               f"fastest: {fastest}")
+    return fastest
 
 
 def twin_in_study(name, configs):

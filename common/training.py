@@ -236,7 +236,8 @@ class TrainingRun:
         self.info["status"] = "running"
         # info["git"] and info["device"] stay what the run started with; each resume records its own.
         resumed = {"at": now(), "git": git_commit(), "device": device_name(device),
-                   "precision": precision(device, self.config)}
+                   "precision": precision(device, self.config),
+                   "compile": self.config.compile_mode if self.config.compile else False}
         if unfit:
             # A generator's state cannot move between kinds of device: new streams, drawn from
             # the seed and the position, carry on; the run is then no longer an exact replay.

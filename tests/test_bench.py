@@ -10,7 +10,7 @@ import sys
 from common.bench import record, table
 from common.study import outcome
 from conftest import REPO, wait_for_epochs
-from test_cli import cli
+from test_cli import cli, in_process
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path, fake_data):
@@ -155,9 +155,80 @@ def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake
     result = cli(*args, "--set", "lr=0.05")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "res_512" / "run.json").read_text())["config"]["lr"] == 0.05
-    refused = cli(*args, "--set", "compile_mode=fastest")
-    assert refused.returncode == 2 and "compile_mode is default" in refused.stderr
+    refused = cli(*args, "--set", "lr=-1")
+    assert refused.returncode == 2 and "lr must be positive" in refused.stderr
     assert "started" not in refused.stdout
+    status, out, err = in_process(*args, "--set", "compile=true")  # --compile says how, for every run
+    assert status == 2 and "a study compiles with --compile (auto, eager, compile or cuda-graphs)" in err
+    assert "started" not in out
+
+
+def fake_compile_costs(monkeypatch, setups, steps, fails=()):
+    """Have compile_costs time fake ways: `setups` and `steps` {way: seconds}, `fails` raising."""
+    from common import bench
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)  # a "cuda" device on a CPU-only machine
+
+    def fake_limit_timer(config, device, timed_steps):
+        way = next(w for w, fields in bench.COMPILE_WAYS.items() if fields.items() <= config.to_dict().items())
+        if way in fails:
+            raise RuntimeError(f"{way} cannot here\n(its traceback)")
+        clock[0] += setups[way]
+        return lambda: steps[way] * timed_steps
+    monkeypatch.setattr(bench, "limit_timer", fake_limit_timer)
+
+
+def test_compile_costs_weigh_each_ways_compile_time_against_the_steps_it_saves(monkeypatch):
+    import torch
+    from common.bench import compile_costs
+    from common.config import Config
+    fake_compile_costs(monkeypatch, setups={"eager": 1.0, "compile": 40.0}, steps={"eager": 0.010, "compile": 0.004},
+                       fails=("cuda-graphs",))
+    costs = compile_costs(Config(), torch.device("cpu"), runs=2, steps=10_000)
+    assert costs["eager"] == {"setup": 1.0, "step": 0.010, "total": 2 * 1.0 + 10_000 * 0.010}
+    assert costs["compile"] == {"setup": 40.0, "step": 0.004, "total": 2 * 40.0 + 10_000 * 0.004}
+    assert costs["cuda-graphs"] == {"error": "cuda-graphs cannot here"}
+
+
+def test_study_runs_each_model_the_way_measured_fastest_for_all_its_runs_on_a_gpu(tmp_path, monkeypatch):
+    import torch
+    from common import study as study_module
+    from common.experiments import EXPERIMENTS
+    fake_compile_costs(monkeypatch, setups={"eager": 1.0, "compile": 30.0, "cuda-graphs": 50.0},
+                       steps={"eager": 0.010, "compile": 0.008, "cuda-graphs": 0.002})
+    measured, launched = [], {}
+    compile_costs = study_module.compile_costs
+    monkeypatch.setattr(study_module, "compile_costs", lambda config, device, runs, steps: measured.append(
+        (config.architecture, runs, steps)) or compile_costs(config, device, runs, steps))
+    monkeypatch.setattr(study_module, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(study_module, "launch", lambda name, folder, device, args, resume: launched.update(
+        {name: args}) or subprocess.Popen([sys.executable, "-c", ""]))
+    relu, tanh = "changing_activations/relu", "changing_activations/tanh"
+    configs = {name: EXPERIMENTS[name].config.replace(subset=1000, batch_size=100) for name in (relu, tanh, "res_512")}
+    (tmp_path / tanh).mkdir(parents=True)  # tanh stopped after 10 of its 50 epochs: 40 left
+    (tmp_path / tanh / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / tanh / "run.json").write_text(json.dumps({"status": "interrupted", "epochs_done": 10}))
+    outcomes = study_module.study(configs, out_root=tmp_path)
+    assert set(outcomes.values()) == {"complete"}
+    # relu and tanh share a model but for the activation: measured once, for their 90 epochs of 10 steps
+    assert measured == [("res_512_d", 2, 900), ("res_512", 1, 2000)]
+    # 900 steps: eager 2 s + 9 s beats cuda-graphs 100 s + 1.8 s; 2000 steps of res_512: the same
+    assert launched[relu] == launched[tanh] == launched["res_512"] == ["--set", "compile=false"]
+    configs = {name: config.replace(epochs=config.epochs * 100) for name, config in configs.items()}
+    launched.clear()
+    study_module.study(configs, out_root=tmp_path / "longer")  # 100 times the steps: CUDA graphs pay
+    assert launched[relu] == ["--set", "compile=true", "--set", 'compile_mode="reduce-overhead"']
+
+
+def test_study_runs_every_model_the_way_asked_and_eager_on_a_cpu_unless_asked(tmp_path, monkeypatch):
+    from common import study as study_module
+    from common.experiments import EXPERIMENTS
+    assert study_module.compile_arguments({"res_512": EXPERIMENTS["res_512"].config}, {"res_512": 200}, "cpu",
+                                          "auto") == {"res_512": ["--set", "compile=false"]}
+    assert study_module.compile_arguments({"res_512": EXPERIMENTS["res_512"].config}, {"res_512": 200}, "cpu",
+                                          "compile") == {
+        "res_512": ["--set", "compile=true", "--set", 'compile_mode="default"']}
 
 
 def test_ctrl_c_stops_the_study_which_stops_each_run_once_and_the_same_command_resumes_them(tmp_path,

@@ -67,6 +67,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, tiny, monkeypat
     assert [resume["git"]["commit"] for resume in run.info["resumed"]] == ["f" * 40]  # and resumed with
     assert run.info["resumed"][0]["device"] == run.info["device"]["name"]
     assert run.info["resumed"][0]["precision"] == run.info["device"]["precision"]
+    assert run.info["resumed"][0]["compile"] is False
     scalers = [load_checkpoint(tmp_path / d)["scaler"] for d in ("straight", "resumed")]
     assert scalers[0] == scalers[1]  # fp16's counts its steps since the scale last changed
     straight, resumed = (histories_and_weights(tmp_path / d) for d in ("straight", "resumed"))
@@ -129,6 +130,16 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny):
     train("res_512", out_dir=tmp_path, epochs=1, **tiny)
     with pytest.raises(UserError, match=r"other settings \(epochs, lr\)"):
         train("res_512", out_dir=tmp_path, resume=True, epochs=2, lr=0.05, **tiny)
+
+
+def test_a_compiled_runs_checkpoint_resumes_eager_and_says_so(tmp_path, tiny, monkeypatch):
+    path, checkpoint = checkpoint_mid_epoch_2(tmp_path, tiny, monkeypatch)
+    for config in (checkpoint["config"], checkpoint["info"]["config"]):  # as a study on a GPU started it
+        config.update(compile=True, compile_mode="reduce-overhead")
+    torch.save(checkpoint, path)
+    run = train("res_512", out_dir=tmp_path, epochs=2, resume=True, **tiny)  # not compiled: allowed
+    assert run.info["status"] == "complete" and run.info["config"]["compile"] is True
+    assert run.info["resumed"][0]["compile"] is False
 
 
 def checkpoint_mid_epoch_2(folder, tiny, monkeypatch):
