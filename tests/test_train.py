@@ -251,15 +251,21 @@ def test_on_a_cpu_bf16_autocast_is_off_unless_asked_for(bf16, dtype):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == dtype
 
 
-@pytest.mark.parametrize("flags, warned", [("fpu avx2", 1), ("fpu avx2 avx512_bf16", 0), ("", 0)])
-def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(flags, warned, monkeypatch, capsys):
+@pytest.mark.parametrize("precision, flags, warned", [
+    ("bf16", "fpu avx2", 1), ("bf16", "fpu avx2 avx512_bf16", 0), ("bf16", "fpu avx2 avx512_fp16", 1),
+    ("fp16", "fpu avx2", 1), ("fp16", "fpu avx2 avx512_bf16", 1), ("fp16", "fpu avx512_bf16 avx512_fp16", 0),
+    ("bf16", "", 0), ("fp16", "", 0)])
+def test_bf16_or_fp16_on_a_cpu_without_instructions_for_it_warns_once(precision, flags, warned, monkeypatch,
+                                                                      capsys):
     monkeypatch.setattr(devices, "cpu_info", lambda: {"flags": flags} if flags else {})
-    devices.warn_if_bf16_is_emulated.cache_clear()
+    devices.warn_if_emulated.cache_clear()
     for _ in range(2):
-        devices.autocast_for("cpu", Config(bf16=True))
+        devices.autocast_for("cpu", Config(**{precision: True}))
     devices.autocast_for("cpu", Config())
-    devices.warn_if_bf16_is_emulated.cache_clear()
-    assert capsys.readouterr().err.count("no bf16 instructions") == warned
+    devices.warn_if_emulated.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count(f"no {precision} instructions") == warned and err.count("warning") == warned
+    assert f"--set {precision}=false avoids it" in err or not warned
 
 
 @pytest.mark.parametrize("capability, settings, computes_in, warned", [
@@ -274,11 +280,11 @@ def test_on_a_gpu_bf16_is_the_default_only_where_it_is_native(capability, settin
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    devices.warn_if_bf16_is_emulated.cache_clear()
+    devices.warn_if_emulated.cache_clear()
     assert devices.precision(gpu, Config(**settings)) == computes_in
-    if computes_in == "bf16":
-        devices.warn_if_bf16_is_emulated(gpu)
-    devices.warn_if_bf16_is_emulated.cache_clear()
+    if computes_in != "float32":
+        devices.warn_if_emulated(gpu, computes_in)
+    devices.warn_if_emulated.cache_clear()
     assert capsys.readouterr().err.count("Tesla T4 (compute capability 7.5) has no native bf16") == warned
 
 
