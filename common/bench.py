@@ -190,6 +190,11 @@ def compile_costs(config, device, runs, steps, timed_steps=20, repeats=3, ways=t
     for way, median in interleaved_seconds(timers, repeats).items():
         step = median / timed_steps
         costs[way].update(step=step, total=runs * costs[way]["setup"] + steps * step)
+    # The models, compiled code and CUDA graphs' memory go: the runs this measures are to have the device.
+    timers.clear()
+    torch.compiler.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return costs
 
 
