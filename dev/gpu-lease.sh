@@ -10,7 +10,7 @@
 #   run "bash dev/gpu-lease.sh 2"  carry [".gpu/s2"]              timeout_s 60
 #   run "DEADLINE=560 bash dev/gpu-lease.sh 3"  carry [".gpu/s3", ".gpu/git"]  timeout_s 600
 # (DEADLINE: seconds from the call's start to packing; take it from budget_left_s after call 2, less
-# about 40. The last BENCH_S of them, 260 by default, go to the benches, alone on the GPU.)
+# about 40. The last BENCH_S of them, 200 by default, go to the benches, alone on the GPU.)
 # Call 3 brings back $OUT/runs.tgz: the run folders without weights or checkpoints, and the logs.
 # Unpack it aside (`mkdir /tmp/gpu && tar xzf runs.tgz -C /tmp/gpu`), copy the complete run folders
 # into the repository, commit them, then `python -m common report` and commit. Stage again after
@@ -43,7 +43,7 @@ stage)
     DATA="--data-dir $HOME/data --no-download"
     # The runs still missing, in parallel (a small model leaves an H200 mostly idle), stopped by
     # SIGTERM (each saves its checkpoint) BENCH_S seconds before the deadline; then the benches alone.
-    RUNS_S=$(( $(left) - ${BENCH_S:-260} ))
+    RUNS_S=$(( $(left) - ${BENCH_S:-200} ))
     [ $RUNS_S -gt 60 ] || { echo "DEADLINE leaves the runs no time"; exit 2; }
     timeout -s TERM $RUNS_S python3 -m common train best_5m --seed 2 --seeds 1 $DATA > $LOGS/best_5m.log 2>&1 &
     # Within airbench94's training compute (0.354 PFLOP to its 0.36): ten seeds, to tell the mean from
@@ -64,11 +64,11 @@ stage)
     # and the CPU sessions run the sweeps' 50-epoch runs (about 90 min each on an AMD EPYC).
     wait
     echo "runs ended after $(( $(date +%s) - T0 )) s"
-    # The plain loop's bench; then `study --compile auto` (never run on a GPU): it times eager,
-    # torch.compile and CUDA graphs on res_512_d, compile times included, and trains 2 epochs the
-    # way it picks; then CUDA graphs through the loop (ours/seed-style 2.36 plain on an H200), and
-    # fast94 (ours/limit 0.86 on an H200 by the sequential bench), retaken with the interleaved one.
-    for BENCH in "res_512_d" "study" "res_512_d --set compile=true --set compile_mode=reduce-overhead" \
+    # The plain loop's bench and CUDA graphs through the loop (ours/seed-style 2.36 plain on an
+    # H200); then `study --compile auto` (never run on a GPU): it times eager, torch.compile and CUDA
+    # graphs on res_512_d, compile times included, and trains 2 epochs the way it picks; then fast94
+    # (ours/limit 0.86 on an H200 by the sequential bench), retaken with the interleaved one.
+    for BENCH in "res_512_d" "res_512_d --set compile=true --set compile_mode=reduce-overhead" "study" \
             "fast94"; do
         [ $(left) -gt 30 ] || break
         [ "$BENCH" = study ] && COMMAND="study res_512_d --epochs 2 --out-root $HOME/study-check" \
