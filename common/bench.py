@@ -273,7 +273,7 @@ def table(result):
 
 
 def record_name(result):
-    """'cpu_amd_epyc_2_threads-res_512_d-b128': the device's name (so that records of two CPU or
+    """'cpu_amd_epyc_avx2_2_threads-res_512_d-b128': the device's name (so that records of two CPU or
     GPU models live side by side), the experiment, the batch size and any settings."""
     settings = "".join(f"-{key}-{value}" for key, value in result.get("settings", {}).items())
     device = re.sub(r"[^a-z0-9]+", "_", result["device"].lower()).strip("_")

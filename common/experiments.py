@@ -1,8 +1,9 @@
 """The registry of named experiments: each one is a Config, a folder and what it is for.
 
 A name is also the experiment's folder under training/ (its notebook and history files live there).
-`published` holds the original study's test accuracy (best epoch, last epoch; %) from SEED.md where
-it reported one, so charts and tables can set our runs beside it.
+`published` holds the original study's test accuracy (best epoch, last epoch; %) from its notes
+(SEED.md, kept beside this repository, not in it) where it reported one, so charts and tables can
+set our runs beside it.
 """
 from dataclasses import dataclass
 from pathlib import Path

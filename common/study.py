@@ -41,7 +41,8 @@ COMPLETE, SKIPPED = "complete", "skipped"
 
 
 def read_status(folder):
-    """run.json, or {} where it is unreadable: such a folder is run afresh, as `train` would."""
+    """run.json, or {} where it is unreadable: such a folder holds no complete run, so its run is
+    resumed where it has a checkpoint, else run afresh, as `train` would."""
     try:
         return read_run_info(folder)
     except RunFolderError:

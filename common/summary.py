@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass
 
 from . import models
+from .config import EXECUTION_SETTINGS
 from .experiments import EXPERIMENTS
 from .models import count_parameters, model_options, multiply_adds
 
@@ -86,8 +87,12 @@ class Row:
 
     @property
     def label(self):
-        """The experiment's name, saying so where its runs are its twin's."""
-        return self.experiment + (f" (same run as {self.same_run_as})" if self.same_run_as else "")
+        """The experiment's name, saying so where its runs are its twin's, and naming the recipe
+        settings they changed from the registry's (`train --set lr=0.05` into the experiment's
+        folder is then not taken for the experiment itself)."""
+        changed = settings_changed(self)
+        return (self.experiment + (f" (same run as {self.same_run_as})" if self.same_run_as else "")
+                + (f" (settings changed: {changed})" if changed else ""))
 
     def from_runs(self, value, default):
         """The distinct values of value(run) over the runs, joined; `default` when there is no run."""
@@ -174,7 +179,7 @@ class Row:
                 + (f", same run as {self.same_run_as}" if self.same_run_as else ""))
 
 
-PLACE_AND_BUDGET = {"data_dir", "download", "device", "seed", "epochs", "subset"}  # not recipe changes
+PLACE_AND_BUDGET = EXECUTION_SETTINGS | {"seed", "epochs", "subset"}  # not recipe changes
 
 
 def recipe_changes(row):

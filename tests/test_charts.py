@@ -85,6 +85,17 @@ def test_an_experiment_without_a_run_shows_its_twins_unchanged_run_labelled_as_s
     assert [run.same_run_as for run in collect_groups(tmp_path)["changing_optimisers/sgd"]] == [None]
 
 
+def test_a_run_of_changed_recipe_settings_is_labelled_with_them_but_not_for_how_it_executed(tmp_path):
+    fake_run(tmp_path / "res_512", [0.4, 0.6])
+    fake_run(tmp_path / "res_block", [0.4, 0.6])
+    for name, config in [("res_512", {"lr": 0.05, "compile": True}),
+                         ("res_block", {"compile": True, "compile_mode": "reduce-overhead", "device": "cuda"})]:
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        write_run_info(tmp_path / name, {**info, "config": config})
+    labels = [row[0] for row in summary_rows(collect_groups(tmp_path))]
+    assert "res_512 (settings changed: lr=0.05)" in labels and "res_block" in labels
+
+
 def test_model_summary_cells_hold_their_whole_text(tmp_path):
     training = tmp_path / "training"
     folder = training / "changing_activations/leakyrelu"  # the longest name, on a full row
