@@ -16,7 +16,7 @@ import torch
 
 from . import data as cifar
 from .config import Config, UserError, one_line
-from .history import WEIGHTS_FILE, RunFolderError, read_run_info, write_atomic
+from .history import RUN_FILE, WEIGHTS_FILE, RunFolderError, read_run_info, seed_folders, write_atomic
 from .models import build_model, model_options
 from .devices import autocast_for, prepare, resolve_device
 from .training import batched_logits
@@ -119,6 +119,9 @@ def load_trained_model(run_dir, device):
     """A run folder's final model, built from its run.json and loaded with weights_only=True.
     It returns logits even where the run trained with a softmax output (res_block)."""
     run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file() and (seeds := seed_folders(run_dir)):
+        raise UserError(f"{run_dir} holds a multi-seed group, not a run: pass its seed folders for their "
+                        f"ensemble ({' '.join(str(f) for f in seeds)}), or one of them")
     try:
         info = read_run_info(run_dir)
     except RunFolderError as e:

@@ -181,6 +181,15 @@ def test_tampered_weights_are_refused(trained, tmp_path, fake_data):
         predict([run], fake_data / "cifar-10-batches-py" / "test_batch", device="cpu")
 
 
+def test_a_multi_seed_groups_folder_is_refused_naming_its_seed_runs(trained, tmp_path, fake_data):
+    import shutil
+    for seed in (0, 1):
+        shutil.copytree(trained.folder, tmp_path / "fast94" / f"seed{seed}")
+    with pytest.raises(UserError, match=rf"holds a multi-seed group, not a run: pass its seed folders for their "
+                                        rf"ensemble \({tmp_path}/fast94/seed0 {tmp_path}/fast94/seed1\)"):
+        predict([tmp_path / "fast94"], fake_data / "cifar-10-batches-py" / "test_batch", device="cpu")
+
+
 def test_predict_command(trained, fake_data, tmp_path):
     from test_cli import cli
     result = cli("predict", trained.folder, "--images", fake_data / "cifar-10-batches-py" / "test_batch",
