@@ -224,6 +224,9 @@ def test_a_cpu_is_named_with_its_model_and_vector_instructions(monkeypatch):
     ({"epochs": -3}, "epochs must be at least 1"),
     ({"subset": 5}, "subset must be at least 10"),
     ({"optimizer": "lbfgs2"}, "unknown optimizer"),
+    ({"optimizer": "adam", "momentum": 0.9}, "optimizer adam takes no momentum \\(sgd, rmsprop, muon do\\)"),
+    ({"optimizer": "rmsprop", "momentum": 0.9, "nesterov": True}, "optimizer rmsprop takes no nesterov"),
+    ({"warmup": 0.1}, "schedule cosine has no warm-up \\(warmup_cosine, triangle, linear do\\)"),
     ({"warp_speed": 9}, "unknown setting warp_speed"),
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, tiny, overrides, message):
