@@ -287,7 +287,9 @@ def seed_folders(folder):
 def run_state(folder):
     """What a run folder holds, in a few words: 'complete', 'interrupted 30/50, resumable',
     'running 3/200' (a live process holds the folder), 'killed 3/200' (run.json says running but
-    no process holds it), ' (smoke)' after a reduced budget; '-' where there is no run."""
+    no process holds it), 'failed 2/50', ', resumable' where an unfinished run has a checkpoint
+    (a fresh start there is refused), ' (smoke)' after a reduced budget; '-' where there is no
+    run."""
     try:
         info = read_run_info(folder)
     except RunFolderError:
@@ -300,7 +302,7 @@ def run_state(folder):
     text = status
     if status != "complete":
         text += f" {info.get('epochs_done', 0)}/{info.get('planned_epochs', '?')}"
-    if status in ("interrupted", "killed") and (Path(folder) / CHECKPOINT_FILE).is_file():
+    if status not in ("complete", "running") and (Path(folder) / CHECKPOINT_FILE).is_file():
         text += ", resumable"
     return text + ("" if info.get("budget") == "full" else " (smoke)")
 

@@ -112,6 +112,7 @@ def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable
     (tmp_path / "d" / "run.lock").write_text(f"{os.getpid()}\n")
     assert experiment_state(tmp_path / "d") == "killed 3/50, resumable"
     assert run(tmp_path / "e", "failed", 2, budget="smoke") == "failed 2/50 (smoke)"
+    assert run(tmp_path / "e", "failed", 2, checkpoint=True) == "failed 2/50, resumable"  # --resume or --overwrite
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "run.json").write_text("[")
     assert experiment_state(tmp_path / "f") == "unreadable run.json"
