@@ -154,6 +154,7 @@ def fastest_way(configs, names, epochs_left, device):
     config = configs[names[0]]
     images = config.subset or len(load_cifar10(config.data_dir, allow_download=False).train_labels)
     steps = sum(epochs_left[name] * math.ceil((images - configs[name].val) / config.batch_size) for name in names)
+    tqdm.write(f"timing {', '.join(COMPILE_WAYS)} for {', '.join(names)} on {device}, each compiled first ...")
     costs = compile_costs(config, device, len(names), steps)
     fastest = min((way for way in costs if "total" in costs[way]), key=lambda way: costs[way]["total"],
                   default="eager")  # where even eager fails, so will the runs, each reporting why
