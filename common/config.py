@@ -69,7 +69,7 @@ class Config:
     decay_norm_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
     norm_lr_scale: float = 1.0  # BatchNorm parameters learn this much faster (same decay per step)
     bias_lr_scale: float = 1.0  # other biases (the whitening stem's) learn this much faster, likewise
-    muon_lr: float = 0.24  # optimizer=muon: the conv filters' step size (muon.py; the rest uses lr); not scaled by lr_batch_size
+    muon_lr: float = 0.24  # optimizer=muon: the conv filters' step size, as given (lr_batch_size scales lr only)
     muon_momentum: float = 0.6  # optimizer=muon: the conv filters' momentum (the rest uses momentum)
     label_smoothing: float = 0.0
     schedule: str = "cosine"  # see recipe.SCHEDULES

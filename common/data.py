@@ -238,9 +238,9 @@ def channel_constants(mean, std, device):
 
 def augment(images, generator, crop_padding, flip, rotation_degrees, pad_mode="zeros", mirror=None):
     """A batch of uint8 images -> float [0, 1], each with its own random crop (`crop_padding`
-    pixels of zeros or reflected image), horizontal flip and rotation (nearest; corners filled
-    as the padding is, zeros or reflected), in the original's order. `mirror`, one bool per image, decides the flips instead of the
-    generator (the alternating flip).
+    pixels of zeros or reflected image), horizontal flip and rotation (nearest; the corners it
+    uncovers filled as the padding is), in the original's order. `mirror`, one bool per image,
+    decides the flips instead of the generator (the alternating flip).
 
     Without rotation it is an integer translation (`translate`). With it, the three are one
     affine map per image, so a single grid_sample does them: rotating the flipped crop samples

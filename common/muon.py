@@ -1,8 +1,8 @@
 """Muon (Keller Jordan, 2024) as `optimizer=muon`: the conv filters take orthogonalised momentum
 steps, every other parameter SGD with the config's momentum (Nesterov where it says so, as
-fast94's does), in one optimiser (so one schedule and one checkpoint
-state cover both). airbench94_muon publishes 94.01% (mean of 200 runs) in 8 epochs with it, where
-airbench94 takes 9.9; on fast94 with one conv per block it has not beaten Nesterov SGD here (README).
+fast94's does), in one optimiser (so one schedule and one checkpoint state cover both).
+airbench94_muon publishes 94.01% (mean of 200 runs) in 8 epochs with it, where airbench94 takes
+9.9; on fast94 with one conv per block it has not beaten Nesterov SGD here (README).
 """
 import torch
 from torch import nn
