@@ -13,6 +13,7 @@ SIGINT, SIGTERM or SIGHUP to the study (Ctrl+C, a closed terminal; Ctrl+Break on
 every run it started, each after saving its checkpoint, so that the same command resumes them all.
 The runs are in process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
 """
+import collections
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ from .data import load_cifar10
 from .devices import resolve_device
 from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
 from .models import model_options
+from .summary import duration
 from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, read_run_info
 from .training import RunInterrupted, StopSignals
 
@@ -54,6 +56,7 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
     """Run the experiments named by `configs` ({name: the Config that `extra_args`, passed to each
     `train`, make of it}) with `parallel` processes on each of `devices`, each executing its model
     the way `compile_choice` says (compile_arguments); returns {name: outcome}."""
+    started = time.monotonic()
     extra_args = list(extra_args)
     root = Path(out_root) if out_root else TRAINING_DIR
     outcomes, queue = {}, []
@@ -114,6 +117,10 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
             outcomes[name] = outcome(process.wait(), folder)
             tqdm.write(f"{name}: {outcomes[name]}")
         progress.close()
+        tally = collections.Counter(COMPLETE if o == COMPLETE else SKIPPED if o.startswith(SKIPPED) else "not complete"
+                                    for o in outcomes.values())
+        tqdm.write(f"study: {', '.join(f'{n} {what}' for what, n in tally.items())} in "
+                   f"{duration(time.monotonic() - started)} ({parallel} at a time on {', '.join(devices)})")
     if stop.signal is not None:
         raise RunInterrupted(stop.signal, f"study stopped by {stop.signal.name}; the same command "
                                           "resumes every unfinished run")

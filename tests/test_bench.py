@@ -92,6 +92,7 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     # two at a time: both started before either completed
     assert max(first.stdout.index(f"started {n} on cpu") for n in ("res_512", "changing_optimisers/adam")) \
         < first.stdout.index(": complete")
+    assert re.search(r"^study: 2 complete in \d+\.\d s \(2 at a time on cpu\)$", first.stdout, re.M)
     again = cli(*args)
     assert again.returncode == 0 and "started" not in again.stdout  # both complete: skipped
     longer = cli("study", "res_512", "--devices", "cpu", "--out-root", tmp_path, "--epochs", "2",
@@ -105,6 +106,7 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     assert broken.returncode == 2  # each run fails on its own (200 images here), and both are tried
     assert "res_block: failed (exit 2): error: subset of 5000 images" in broken.stdout
     assert "2 of 2 experiment(s) did not complete: res_512, res_block" in broken.stderr
+    assert re.search(r"^study: 2 not complete in ", broken.stdout, re.M)
     nowhere = cli("study", "res_512", "res_block", "--devices", "cpu", "--out-root", tmp_path / "c",
                   "--data-dir", tmp_path / "nowhere", "--no-download")
     assert nowhere.returncode == 2 and "no CIFAR-10 at" in nowhere.stderr  # found out once, up front
