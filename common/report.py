@@ -657,7 +657,11 @@ def reproduce_section(tables):
         para(f"Each figure and table is rebuilt by {code('python -m common report')} from the run folders "
              f"that exist; a run is made by {code('python -m common train NAME')}. A multi-seed group is one "
              f"folder per seed, {code('training/NAME/seedS')}: {code('python -m common train NAME --seeds K')} "
-             f"trains seeds 0 to K-1 into them ({code('--seed S --seeds 1')} adds seed S to a group)."),
+             f"trains seeds 0 to K-1 into them ({code('--seed S --seeds 1')} adds seed S to a group). "
+             f"{code('python -m common study --seed-study --parallel K')} trains the original study's "
+             f"experiments K at a time on a device, resuming unfinished runs and skipping complete ones; "
+             f"on a GPU it first times eager, torch.compile and CUDA graphs for each model and runs it the "
+             f"way that finishes soonest."),
         *table(tables, ["artefact", "commands"], rows, "The commands behind each artefact.",
                widths=[1.2, 4], code_columns=(1,)),
     ]
