@@ -99,6 +99,7 @@ def cmd_bench(args):
 def cmd_study(args):
     from .data import ensure_cifar10
     from .models import meta_model
+    from .recipe import check_recipe
     from .study import finished, study
     from .devices import resolve_device
     chosen_elsewhere = sorted({text.partition("=")[0] for text in args.set} & {"compile", "compile_mode"})
@@ -120,6 +121,7 @@ def cmd_study(args):
         configs[name] = config.replace(**{**parse_settings(config, args.set),
                                           **{k: v for k, v in flags.items() if v is not None}})
         meta_model(configs[name])
+        check_recipe(configs[name])
     # Once here, not by every run at once: parallel downloads into one folder would collide.
     ensure_cifar10(args.data_dir, allow_download=not args.no_download)
     extra = [str(v) for key, value in flags.items() if value is not None

@@ -82,13 +82,24 @@ def parameter_groups(model, config):
 WITH_MOMENTUM, WITH_NESTEROV = ("sgd", "rmsprop", "muon"), ("sgd", "muon")
 
 
-def make_optimizer(model, config):
+def check_recipe(config):
+    """Refuse an optimiser or schedule that does not exist, and a setting the chosen ones would
+    ignore; cheap, so `train` and `study` call it before any data loads."""
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     for setting, takers in (("momentum", WITH_MOMENTUM), ("nesterov", WITH_NESTEROV)):
         if getattr(config, setting) and config.optimizer not in takers:
             raise UserError(f"optimizer {config.optimizer} takes no {setting} ({', '.join(takers)} do); "
                             f"leave {setting} at its default")
+    if config.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if config.warmup and config.schedule not in WARMING_UP:
+        raise UserError(f"schedule {config.schedule} has no warm-up ({', '.join(WARMING_UP)} do); "
+                        f"leave warmup at 0")
+
+
+def make_optimizer(model, config):
+    check_recipe(config)
     groups = parameter_groups(model, config)
     if config.optimizer == "muon":
         groups = muon_groups(model, groups, config)
@@ -97,11 +108,7 @@ def make_optimizer(model, config):
 
 def make_schedule(optimizer, config, steps_per_epoch):
     """A LambdaLR stepped once per epoch or once per training step, as SCHEDULES says."""
-    if config.schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {config.schedule!r}; choose from {', '.join(SCHEDULES)}")
-    if config.warmup and config.schedule not in WARMING_UP:
-        raise UserError(f"schedule {config.schedule} has no warm-up ({', '.join(WARMING_UP)} do); "
-                        f"leave warmup at 0")
+    check_recipe(config)
     unit, multiplier = SCHEDULES[config.schedule]
     total = config.epochs * (steps_per_epoch if unit == "step" else 1)
     return torch.optim.lr_scheduler.LambdaLR(

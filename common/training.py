@@ -36,7 +36,7 @@ from .history import (CHECKPOINT_FILE, SEEDS_FILE, WEIGHTS_FILE, RunFolderError,
                       write_history, write_run_info, write_seeds_summary)
 from .models import (count_parameters, meta_model, model_from_config, model_options, multiply_adds,
                      training_flops)
-from .recipe import SCHEDULES, WeightAverage, make_optimizer, make_schedule
+from .recipe import SCHEDULES, WeightAverage, check_recipe, make_optimizer, make_schedule
 
 EVAL_BATCH_SIZE = 500
 
@@ -121,7 +121,8 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     it stopped. Under torchrun, trains data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = configured(exp, overrides)
-    meta_model(config)  # a bad model option or an over-budget model fails before any data loads
+    meta_model(config)  # a bad model option or an over-budget model fails before any data loads,
+    check_recipe(config)  # and so does a bad optimiser or schedule setting
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
     cluster = Cluster.from_environment(device.type)

@@ -160,6 +160,8 @@ def test_study_passes_settings_to_every_run_and_checks_them_first(tmp_path, fake
     refused = cli(*args, "--set", "lr=-1")
     assert refused.returncode == 2 and "lr must be positive" in refused.stderr
     assert "started" not in refused.stdout
+    status, out, err = in_process(*args, "--set", "warmup=0.1")  # the recipe too, before any run starts
+    assert status == 2 and "schedule cosine has no warm-up" in err and "started" not in out
     status, out, err = in_process(*args, "--set", "compile=true")  # --compile says how, for every run
     assert status == 2 and "a study compiles with --compile (auto, eager, compile or cuda-graphs)" in err
     assert "started" not in out

@@ -231,7 +231,7 @@ def test_a_cpu_is_named_with_its_model_and_vector_instructions(monkeypatch):
 ])
 def test_bad_settings_are_refused_before_training(tmp_path, tiny, overrides, message):
     with pytest.raises(UserError, match=message):
-        train("res_512", out_dir=tmp_path, **{**tiny, **overrides})
+        train("res_512", out_dir=tmp_path, **{**tiny, **overrides, "data_dir": str(tmp_path / "none")})
 
 
 def test_the_memory_layout_is_a_setting_that_leaves_the_outputs_alone():
