@@ -48,9 +48,9 @@ def cpu_flags(info):
     return set((info.get("flags") or info.get("Features") or "").split())
 
 
-def bf16_instructions(flags):
-    """The names of the bf16 instructions among a CPU's flags."""
-    return [name for flag, name in BF16_INSTRUCTIONS.items() if flag in flags]
+def instructions_among(flags, instructions=BF16_INSTRUCTIONS):
+    """The names of `instructions` ({flag: name}: bf16's by default) among a CPU's flags."""
+    return [name for flag, name in instructions.items() if flag in flags]
 
 
 def device_name(device):
@@ -61,7 +61,7 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     info = cpu_info()
     model = info.get("model name") or platform.processor() or platform.machine()
-    features = [torch.backends.cpu.get_cpu_capability(), *bf16_instructions(cpu_flags(info))]
+    features = [torch.backends.cpu.get_cpu_capability(), *instructions_among(cpu_flags(info))]
     return f"CPU: {model} ({', '.join(features)}), {torch.get_num_threads()} threads"
 
 
@@ -123,7 +123,7 @@ def warn_if_emulated(device, computes_in):
         return
     instructions = {"bf16": BF16_INSTRUCTIONS, "fp16": FP16_INSTRUCTIONS}[computes_in]
     flags = cpu_flags(cpu_info())
-    if flags and not flags & instructions.keys():
+    if flags and not instructions_among(flags, instructions):
         print(f"warning: this CPU has no {computes_in} instructions ({', '.join(instructions.values())}): "
               f"{computes_in} autocast runs emulated here, many times slower than float32; "
               f"--set {computes_in}=false avoids it", file=sys.stderr)

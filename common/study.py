@@ -134,12 +134,16 @@ def compile_arguments(configs, epochs_left, device, choice):
     left in all of them; eager elsewhere, as on a CPU compiling took minutes and its step measured
     no faster (README, `study`)."""
     ways = dict.fromkeys(configs, "eager" if choice == "auto" else choice)
-    if choice == "auto" and configs and resolve_device(device).type == "cuda":
+    if choice == "auto" and configs and (device := resolve_device(device)).type == "cuda":
+        first = next(iter(configs.values()))  # a study's runs share their data folder and subset
+        images = first.subset or len(load_cifar10(first.data_dir, allow_download=False).train_labels)
+        steps_left = {name: epochs_left[name] * math.ceil((images - config.val) / config.batch_size)
+                      for name, config in configs.items()}
         groups = {}
         for name, config in configs.items():
             groups.setdefault(compiled_shape(config), []).append(name)
         for names in groups.values():
-            way = fastest_way(configs, names, epochs_left, resolve_device(device))
+            way = fastest_way(configs[names[0]], names, sum(steps_left[name] for name in names), device)
             ways.update(dict.fromkeys(names, way))
     return {name: [value for key, setting in COMPILE_WAYS[way].items()
                    for value in ("--set", f"{key}={json.dumps(setting)}")]
@@ -155,12 +159,9 @@ def compiled_shape(config):
             config.channels_last)
 
 
-def fastest_way(configs, names, epochs_left, device):
-    """The way of COMPILE_WAYS that trains the `epochs_left` of the runs `names` soonest on `device`,
-    measured on the first one's settings; what was measured is written out."""
-    config = configs[names[0]]
-    images = config.subset or len(load_cifar10(config.data_dir, allow_download=False).train_labels)
-    steps = sum(epochs_left[name] * math.ceil((images - configs[name].val) / config.batch_size) for name in names)
+def fastest_way(config, names, steps, device):
+    """The way of COMPILE_WAYS that trains the runs `names`, `steps` steps in all, soonest on
+    `device`, measured on `config` (the first one's); what was measured is written out."""
     tqdm.write(f"timing {', '.join(COMPILE_WAYS)} for {', '.join(names)} on {device}, each compiled first ...")
     costs = compile_costs(config, device, len(names), steps)
     fastest = min((way for way in costs if "total" in costs[way]), key=lambda way: costs[way]["total"],
