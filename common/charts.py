@@ -310,7 +310,7 @@ def summary_table(groups, path):
     # Every column as wide as its longest text: the figure widens to the table, never the reverse.
     fig.set_figwidth(table.get_window_extent().width / fig.dpi + 0.4)
     ax.set_title("Small ResNets on CIFAR-10: measured here vs the original study "
-                 "(best/final test accuracy; 'smoke' = reduced budget, not a result)", fontsize=10)
+                 "(best/final test accuracy; 'smoke' = reduced budget or unfinished run, not a result)", fontsize=10)
     save(fig, path)
     return fig
 

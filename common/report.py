@@ -3,8 +3,8 @@ the run folders that exist, so the report can never disagree with the runs.
 
 Every measured number is read from a run's history files and run.json (speeds from the records
 `bench --record` keeps), every parameter and multiply-add count from the models themselves. An
-experiment without a run says "not run", and a smoke run (a reduced budget) is listed apart from
-the results, never among them. The only numbers typed here are PUBLIC_ANCHORS: published figures
+experiment without a run says "not run", and a smoke run (a reduced budget, or a run that has not
+finished) is listed apart from the results, never among them. The only numbers typed here are PUBLIC_ANCHORS: published figures
 of others, quoted and attributed as such.
 """
 import csv
@@ -176,7 +176,7 @@ def summary_markdown(headline, smoke):
         "with --val (tuning runs, evaluated on held-out training images each epoch) are left out.",
         "## Results: full-budget runs, one row per experiment",
         markdown_table(MARKDOWN_COLUMNS, [markdown_values(row) for row in headline]),
-        "## Smoke runs (reduced budgets: checks of the code, not results)",
+        "## Smoke runs (reduced budgets, or runs not finished: not results)",
         markdown_table(MARKDOWN_COLUMNS, [markdown_values(row) for row in smoke]) if smoke else "None.",
     ]) + "\n"
 
@@ -405,10 +405,11 @@ def results_section(headline, smoke, figures, runs, tables):
     if measured and not_run:
         story.append(para(f"Not run at full budget yet: {escape(', '.join(not_run))}."))
     if smoke:
-        story.append(para("Smoke runs (reduced budgets: checks of the code, not results)", "h2"))
+        story.append(para("Smoke runs (reduced budgets, or runs not finished: not results)", "h2"))
         story += table(tables, RESULT_COLUMNS, [result_values(row) for row in smoke],
-                       "Smoke runs, kept apart from the results above: a subset, fewer "
-                       "epochs than the experiment defines, or the small data.", widths=RESULT_WIDTHS)
+                       "Smoke runs, kept apart from the results above: a subset, fewer epochs than the "
+                       "experiment defines, the small data, or a run still going, stopped or failed "
+                       "(its epochs column says how far it got).", widths=RESULT_WIDTHS)
     for name in ["model_acc.png", "model_loss.png", "train_vs_test.png", "accuracy_vs_params.png"]:
         story += figure_block(name, figures, runs, headline + smoke)
     return story
@@ -610,8 +611,8 @@ def limitations_section(headline, smoke):
         items.append(f"{escape(', '.join(jpeg))} ran on the lossy JPEG-75 copy: those numbers understate "
                      "what the same recipe reaches on the official images.")
     if smoke:
-        items.append(f"Smoke runs of {len(smoke)} experiment(s) are listed apart: they check the code and "
-                     "are not results.")
+        items.append(f"Smoke runs of {len(smoke)} experiment(s) are listed apart (reduced budgets, or runs "
+                     "not finished): they are not results.")
     unnamed = [row.experiment for row in measured if CPU_BY_MODEL_ALONE.search(row.device)]
     if unnamed:
         items.append(f"{escape(', '.join(unnamed))} name a CPU by its model alone, as recorded before "
