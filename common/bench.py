@@ -32,10 +32,11 @@ from .config import COMPILE_WAYS, one_line
 from .distributed import Cluster
 from .experiments import REPO_ROOT, get_experiment
 from .history import write_atomic
-from .models import meta_model, model_from_config, training_flops
+from .models import model_from_config, training_flops
 from .devices import AUTOCAST_DTYPES, autocast_for, device_name, loss_scaler, precision, prepare, resolve_device
-from .recipe import check_recipe, make_optimizer
-from .training import epoch_start_position, forward_backward, git_commit, now, start_run, train_one_epoch
+from .recipe import make_optimizer
+from .training import (check_settings, epoch_start_position, forward_backward, git_commit, now, start_run,
+                       train_one_epoch)
 
 BENCH_DIR = REPO_ROOT / "results" / "bench"
 MODES = ("limit", "ours", "seed-style")
@@ -221,8 +222,7 @@ def bench(experiment="res_512_d", device=None, batch_size=None, data_dir=None, s
     settings = dict(settings or {})
     overrides = {"data_dir": data_dir, "download": download, "device": device, "batch_size": batch_size}
     config = exp.config.replace(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
-    meta_model(config)  # model options, budget and recipe checked before the data loads
-    check_recipe(config)
+    check_settings(config)
     device = resolve_device(config.device)
     data = load_cifar10(config.data_dir, allow_download=config.download)
     flops = training_flops(model_and_step(config.replace(compile=False), device)[0])

@@ -98,9 +98,8 @@ def cmd_bench(args):
 
 def cmd_study(args):
     from .data import ensure_cifar10
-    from .models import meta_model
-    from .recipe import check_recipe
     from .study import finished, study
+    from .training import check_settings
     from .devices import resolve_device
     chosen_elsewhere = sorted({text.partition("=")[0] for text in args.set} & {"compile", "compile_mode"})
     if chosen_elsewhere:
@@ -120,8 +119,7 @@ def cmd_study(args):
         config = get_experiment(name).config
         configs[name] = config.replace(**{**parse_settings(config, args.set),
                                           **{k: v for k, v in flags.items() if v is not None}})
-        meta_model(configs[name])
-        check_recipe(configs[name])
+        check_settings(configs[name])
     # Once here, not by every run at once: parallel downloads into one folder would collide.
     ensure_cifar10(args.data_dir, allow_download=not args.no_download)
     extra = [str(v) for key, value in flags.items() if value is not None
@@ -169,8 +167,8 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other Config field, e.g. --set lr=0.05 --set optimizer=adam")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a folder whose unfinished run has a checkpoint, or let a "
-                        "smoke run replace a full-budget run's files")
+                   help="start afresh in a folder whose unfinished run has a checkpoint, or replace a "
+                        "full-budget run's files with another run's (a smoke run, other settings)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the experiment's folder) from its checkpoint")
 

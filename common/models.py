@@ -300,8 +300,7 @@ def model_from_config(config):
 def meta_model(config):
     """A config's model on the meta device: shapes only, no weights allocated or initialised, in
     milliseconds. Building it and passing a batch of shapes through it check every model option,
-    the parameter budget and that a 32x32 image fits (five max-pools shrink it to nothing), so
-    train, bench and study call it before anything slow (the data) starts."""
+    the parameter budget and that a 32x32 image fits (five max-pools shrink it to nothing)."""
     with torch.device("meta"):
         model = model_from_config(config)
         try:

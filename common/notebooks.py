@@ -18,7 +18,7 @@ device = "auto"  # auto, cpu, cuda, cuda:N
 subset = None  # N stratified training images: a smoke run, kept out of results
 seed = 0
 resume = False  # True: continue the interrupted run in out_dir from its checkpoint
-overwrite = False  # True: start afresh over an unfinished run, or let a smoke run replace a full one
+overwrite = False  # True: start afresh over an unfinished run, or replace a full one with other settings
 settings = {{}}  # any other Config field, e.g. {{"lr": 0.05, "micro_batch": 256}}'''
 
 TRAIN = '''\

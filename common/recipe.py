@@ -84,7 +84,7 @@ WITH_MOMENTUM, WITH_NESTEROV = ("sgd", "rmsprop", "muon"), ("sgd", "muon")
 
 def check_recipe(config):
     """Refuse an optimiser or schedule that does not exist, and a setting the chosen ones would
-    ignore; cheap, so `train` and `study` call it before any data loads."""
+    ignore; cheap, so `training.check_settings` runs it before any data loads."""
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     for setting, takers in (("momentum", WITH_MOMENTUM), ("nesterov", WITH_NESTEROV)):

@@ -112,6 +112,14 @@ def evaluate(model, images, labels, config, autocast, tta=False):
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
 
+def check_settings(config):
+    """Refuse, in milliseconds, a bad model option, an over-budget model, a model a 32x32 image
+    does not fit, and a bad optimiser or schedule setting: train, bench and study call it before
+    anything slow (the data) starts."""
+    meta_model(config)
+    check_recipe(config)
+
+
 def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     """Train a registered experiment; `overrides` are Config fields (epochs=1, subset=500, ...),
     None meaning "not given" for a field that cannot be None (a notebook's epochs=None) and itself
@@ -121,8 +129,7 @@ def train(experiment, out_dir=None, overwrite=False, resume=False, **overrides):
     it stopped. Under torchrun, trains data-parallel and only rank 0 writes."""
     exp = get_experiment(experiment)
     config = configured(exp, overrides)
-    meta_model(config)  # a bad model option or an over-budget model fails before any data loads,
-    check_recipe(config)  # and so does a bad optimiser or schedule setting
+    check_settings(config)
     folder = Path(out_dir) if out_dir is not None else exp.folder
     device = resolve_device(config.device)
     cluster = Cluster.from_environment(device.type)
@@ -262,7 +269,7 @@ def start_run(exp, config, folder, device, cluster, overwrite, resume):
     full_budget = (config.subset is None and config.epochs >= exp.config.epochs
                    and data.variant in cifar.FULL_VARIANTS)
     if checkpoint is None:
-        refuse_to_replace(folder, full_budget, overwrite)
+        refuse_to_replace(folder, config, full_budget, overwrite)
     elif checkpoint["info"]["data"].get("sha256", data.digest) != data.digest:
         trained_on = checkpoint["info"]["data"]
         raise UserError(f"{config.data_dir or 'the data folder'} holds other images than the run trained on "
@@ -629,9 +636,10 @@ def refuse_other_config(saved, config):
                         f"resume with the same ones, or start afresh in another --out")
 
 
-def refuse_to_replace(folder, full_budget, overwrite):
+def refuse_to_replace(folder, config, full_budget, overwrite):
     """A fresh start must not silently wipe what the folder holds: an unfinished run that its
-    checkpoint can continue, or, for a smoke run, a full-budget run's history."""
+    checkpoint can continue, or a full-budget run's history, unless the new run is the same
+    full-budget run again (a rerun of the experiment, or of its notebook)."""
     if overwrite:
         return
     try:
@@ -643,10 +651,13 @@ def refuse_to_replace(folder, full_budget, overwrite):
         raise UserError(f"{folder} holds an unfinished run ({done}/{previous.get('planned_epochs', '?')} "
                         f"epochs) and its checkpoint: pass --resume to continue it, or --overwrite to "
                         f"start afresh (in a notebook: resume = True or overwrite = True)")
-    if previous.get("budget") == "full" and done and not full_budget:
-        raise UserError(f"{folder} holds a full-budget run ({done} epochs); "
-                        f"a smoke run would replace it: pass another --out, or --overwrite "
-                        f"(in a notebook: out_dir, or overwrite = True)")
+    if previous.get("budget") == "full" and done:
+        differing = differing_settings(previous.get("config", {}), config)
+        if not full_budget or differing:
+            replacement = (f"a run with other settings ({', '.join(differing)})" if full_budget
+                           else "a smoke run")
+            raise UserError(f"{folder} holds a full-budget run ({done} epochs); {replacement} would replace "
+                            f"it: pass another --out, or --overwrite (in a notebook: out_dir, or overwrite = True)")
 
 
 def now():

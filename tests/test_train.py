@@ -178,6 +178,19 @@ def test_a_smoke_run_does_not_replace_a_full_run(tmp_path, tiny):
     train("res_512", out_dir=tmp_path, epochs=1, overwrite=True, **tiny)
 
 
+def test_a_full_run_with_other_settings_does_not_replace_a_full_run(tmp_path, tiny):
+    run = train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+    info = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({**info, "budget": "full"}))
+    other = run.config.replace(lr=0.05, seed=3, device="auto")
+    with pytest.raises(UserError, match=r"holds a full-budget run \(1 epochs\); a run with other settings "
+                                        r"\(lr, seed\) would replace it: pass another --out, or --overwrite"):
+        training.refuse_to_replace(tmp_path, other, full_budget=True, overwrite=False)
+    # The same run again (where it runs aside) replaces it, as rerunning a notebook should.
+    training.refuse_to_replace(tmp_path, run.config.replace(device="auto"), full_budget=True, overwrite=False)
+    training.refuse_to_replace(tmp_path, other, full_budget=True, overwrite=True)
+
+
 def test_a_fresh_start_does_not_wipe_an_unfinished_run_that_its_checkpoint_continues(tmp_path, tiny):
     train("res_512", out_dir=tmp_path, epochs=1, **tiny)
     info = json.loads((tmp_path / "run.json").read_text())
