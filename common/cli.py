@@ -246,7 +246,8 @@ def main(argv=None):
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: the run folder keeps every finished epoch", file=sys.stderr)
+    except KeyboardInterrupt:  # a run saves its checkpoint itself; this is what is left before or after it
+        print("\ninterrupted" + (": the run folder keeps every finished epoch" if args.command == "train" else ""),
+              file=sys.stderr)
         return 130
     return 0

@@ -237,3 +237,32 @@ def differing_settings(saved, config):
 
 def normalise(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+# `train`'s own flags for Config fields; any other field goes through --set.
+TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "subset": "--subset", "seed": "--seed",
+               "val": "--val", "data_dir": "--data-dir"}
+
+
+def train_arguments(base, config):
+    """The `train` arguments that make `config` of an experiment's `base` config, where it runs
+    aside but for its data folder (parse_setting's inverse): what a resume must be given again."""
+    keys = set(differing_settings(base.to_dict(), config)) | ({"data_dir"} if config.data_dir else set())
+    arguments = []
+    for key in sorted(keys):
+        value = getattr(config, key)
+        if key in TRAIN_FLAGS and value is not None:
+            arguments += [TRAIN_FLAGS[key], str(value)]
+        else:
+            arguments += ["--set", f"{key}={setting_text(value)}"]
+    return arguments
+
+
+def setting_text(value):
+    """A value as --set reads it back: JSON, but a string that is not JSON as itself."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(normalise(value), separators=(",", ":"))

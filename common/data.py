@@ -151,6 +151,15 @@ def detect_variant(train_filenames, n_train, n_test, digest):
     return "unknown"
 
 
+def same_images(recorded, data):
+    """Whether a run's recorded data (run.json's "data") are `data`'s images: told by their sha256,
+    or, for a run recorded before the digest, by the variant (the official pixels under either name)."""
+    if "sha256" in recorded:
+        return recorded["sha256"] == data.digest
+    official = ("official", "exact-offline")
+    return recorded.get("variant") == data.variant or (recorded.get("variant") in official and data.variant in official)
+
+
 @dataclass
 class Cifar10:
     train_images: torch.Tensor  # uint8 (N, 3, 32, 32)

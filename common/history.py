@@ -288,21 +288,22 @@ def run_state(folder):
     """What a run folder holds, in a few words: 'complete', 'interrupted 30/50, resumable',
     'running 3/200' (a live process holds the folder), 'killed 3/200' (run.json says running but
     no process holds it), 'failed 2/50', ', resumable' where an unfinished run has a checkpoint
-    (a fresh start there is refused), ' (smoke)' after a reduced budget; '-' where there is no
-    run."""
+    (a fresh start there is refused), ' (smoke)' after a reduced budget; 'unreadable run.json' or
+    'no run.json' beside a checkpoint; '-' where there is no run."""
+    checkpoint = (Path(folder) / CHECKPOINT_FILE).is_file()
     try:
         info = read_run_info(folder)
     except RunFolderError:
-        return "unreadable run.json"
+        return "unreadable run.json" + (", resumable" if checkpoint else "")
     if not info:
-        return "-"
+        return "no run.json, resumable" if checkpoint else "-"
     status = info.get("status", "unknown")
     if status == "running" and lock_holder(Path(folder) / LOCK_FILE) is None:
         status = "killed"
     text = status
     if status != "complete":
         text += f" {info.get('epochs_done', 0)}/{info.get('planned_epochs', '?')}"
-    if status not in ("complete", "running") and (Path(folder) / CHECKPOINT_FILE).is_file():
+    if status not in ("complete", "running") and checkpoint:
         text += ", resumable"
     return text + ("" if info.get("budget") == "full" else " (smoke)")
 

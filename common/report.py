@@ -4,8 +4,8 @@ the run folders that exist, so the report can never disagree with the runs.
 Every measured number is read from a run's history files and run.json (speeds from the records
 `bench --record` keeps), every parameter and multiply-add count from the models themselves. An
 experiment without a run says "not run", and a smoke run (a reduced budget, or a run that has not
-finished) is listed apart from the results, never among them. The only numbers typed here are PUBLIC_ANCHORS: published figures
-of others, quoted and attributed as such.
+finished) is listed apart from the results, never among them. The only numbers typed here are
+PUBLIC_ANCHORS: published figures of others, quoted and attributed as such.
 """
 import csv
 import dataclasses

@@ -1,10 +1,11 @@
 """python -m common study: run many experiments to completion, several processes at a time.
 
 Each experiment is one `python -m common train` process writing its own folder (its output goes to
-train.log there, a resumed run's after its earlier output). A complete run of the same settings is
-skipped, an unfinished one with a checkpoint resumed, any other started afresh (as `train` would: a
-smoke study refuses to replace a full-budget run), one whose folder another run holds left alone,
-and a failure is reported without stopping the others. An experiment whose registry settings equal
+train.log there, a resumed run's after its earlier output). A complete run of the same settings on
+the same images is skipped, an unfinished one with a checkpoint resumed, any other started afresh
+(as `train` would: a smoke study, or one with other settings, refuses to replace a full-budget
+run), one whose folder another run holds left alone, and a failure is reported without stopping
+the others. An experiment whose registry settings equal
 an earlier one's in the same study (changing_optimisers/sgd's are changing_activations/relu's) is
 skipped when both are asked unchanged: the tables show that run for both. One progress bar counts
 the epochs of them all. On a GPU, before any run starts, it measures which way of executing each
@@ -14,6 +15,7 @@ every run it started, each after saving its checkpoint, so that the same command
 The runs are in process groups of their own, so a Ctrl+C at the terminal reaches the study alone.
 """
 import collections
+import functools
 import itertools
 import json
 import math
@@ -35,7 +37,7 @@ from .experiments import EXPERIMENTS, REPO_ROOT, TRAINING_DIR, twins
 from .models import model_options
 from .summary import duration
 from .history import CHECKPOINT_FILE, LOCK_FILE, RunFolderError, lock_holder, read_run_info
-from .training import RunInterrupted, StopSignals
+from .training import RunInterrupted, StopSignals, same_complete_run
 
 LOG_FILE = "train.log"
 WINDOWS = os.name == "nt"
@@ -60,6 +62,8 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
     extra_args = list(extra_args)
     root = Path(out_root) if out_root else TRAINING_DIR
     outcomes, queue = {}, []
+    # Read only where a complete run's images must be told from these (a smoke run on the small data).
+    images = functools.cache(lambda data_dir: load_cifar10(data_dir, allow_download=False))
     for name, config in configs.items():
         folder = root / name
         status = read_status(folder)
@@ -67,7 +71,7 @@ def study(configs, parallel=1, devices=("auto",), extra_args=(), out_root=None, 
         resume = not complete and (folder / CHECKPOINT_FILE).is_file()
         if (holder := lock_holder(folder / LOCK_FILE)) is not None:  # its train.log is that run's
             outcomes[name] = f"not started: its folder is in use by another run (pid {holder})"
-        elif complete and not differing_settings(status.get("config", {}), config):
+        elif complete and same_complete_run(status, config, images(config.data_dir)):
             outcomes[name] = f"{SKIPPED} (complete)"
         elif not resume and (twin := twin_in_study(name, configs)):
             outcomes[name] = f"{SKIPPED} ({twin} has the same settings: its run stands for both)"

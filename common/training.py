@@ -12,6 +12,7 @@ import datetime
 import math
 import platform
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as cifar
-from .config import NULLABLE, Config, UserError, differing_settings
+from .config import NULLABLE, Config, UserError, differing_settings, train_arguments
 from .devices import autocast_for, device_name, loss_scaler, precision, prepare, resolve_device
 from .distributed import Cluster
 from .experiments import REPO_ROOT, Experiment, get_experiment
@@ -112,6 +113,13 @@ def evaluate(model, images, labels, config, autocast, tta=False):
     return loss, (output.argmax(1) == labels).sum().item() / len(images)
 
 
+def same_complete_run(info, config, data):
+    """Whether run.json `info` is a complete run of `config`'s settings (where it ran aside) on
+    `data`'s images: the same run again, which `study` and `--seeds --resume` keep."""
+    return (info.get("status") == "complete" and cifar.same_images(info.get("data", {}), data)
+            and not differing_settings(info.get("config", {}), config))
+
+
 def check_settings(config):
     """Refuse, in milliseconds, a bad model option, an over-budget model, a model a 32x32 image
     does not fit, and a bad optimiser or schedule setting: train, bench and study call it before
@@ -151,29 +159,30 @@ def train_seeds(experiment, seeds, first_seed=0, out_dir=None, resume=False, ove
     """`train` once per seed first_seed, first_seed + 1, ... into seed<N>/ subfolders of the
     experiment's folder (or `out_dir`), then summarise in seeds.json every complete seed there
     trained with these settings, also by earlier commands (history.write_seeds_summary). With
-    `resume`, a complete seed of these settings is kept, a seed with a checkpoint continued from it
-    (refused, naming them, where its settings differ) and one without a checkpoint started.
-    Returns the runs trained."""
+    `resume`, a complete seed of these settings on these images is kept, a seed with a checkpoint
+    continued from it (refused, naming them, where its settings differ) and one without a
+    checkpoint started. Returns the runs trained."""
     if seeds < 1:
         raise UserError(f"seeds must be at least 1, got {seeds}")
     exp = get_experiment(experiment)
     config = configured(exp, overrides)
     folder = Path(out_dir) if out_dir is not None else exp.folder
-    runs = []
+    runs, data = [], None  # the data read here only to tell a complete seed's images from these
     for seed in range(first_seed, first_seed + seeds):
         seed_folder = folder / f"seed{seed}"
         info = read_run_info(seed_folder)
-        if resume and info.get("status") == "complete" and \
-                not differing_settings(info.get("config", {}), config.replace(seed=seed)):
-            print(f"{seed_folder}: complete, kept")
-            continue
+        if resume and info.get("status") == "complete":
+            data = data or cifar.load_cifar10(config.data_dir, allow_download=config.download)
+            if same_complete_run(info, config.replace(seed=seed), data):
+                print(f"{seed_folder}: complete, kept")
+                continue
         runs.append(train(experiment, out_dir=seed_folder, seed=seed, overwrite=overwrite,
                           resume=resume and (seed_folder / CHECKPOINT_FILE).is_file(), **overrides))
     summary = write_seeds_summary(folder, config)
     spread = (f"± {100 * summary['std']:.2f} (sample std; seeds {summary['seeds']})" if summary["std"] is not None
               else f"(seed {summary['seeds'][0]} alone: no spread)")
-    print(f"{experiment} over {len(summary['seeds'])} seed(s): final test accuracy {100 * summary['mean']:.2f}% "
-          f"{spread} -> {folder / SEEDS_FILE}")
+    print(f"{experiment} over {len(summary['seeds'])} seed(s): test accuracy at the end (end-of-run evaluation, "
+          f"else last epoch) {100 * summary['mean']:.2f}% {spread} -> {folder / SEEDS_FILE}")
     return runs
 
 
@@ -224,9 +233,10 @@ class TrainingRun:
 
     def interrupted(self, signal_number, where):
         """The RunInterrupted to raise once the checkpoint is saved, saying how to resume."""
+        command = shlex.join(["python", "-m", "common", "train", self.exp.name, "--out", str(self.folder),
+                              "--resume", *train_arguments(self.exp.config, self.config)])
         return RunInterrupted(signal_number, f"stopped by {signal.Signals(signal_number).name} {where}; "
-                              f"checkpoint saved; resume with: python -m common train {self.exp.name} "
-                              f"--out {self.folder} --resume (in a notebook: resume = True)")
+                              f"checkpoint saved; resume with: {command} (in a notebook: resume = True)")
 
     def restore(self, checkpoint):
         self.model.load_state_dict(checkpoint["model"])
@@ -633,7 +643,7 @@ def refuse_other_config(saved, config):
     differing = differing_settings(saved, config)
     if differing:
         raise UserError(f"the checkpoint was made with other settings ({', '.join(differing)}); "
-                        f"resume with the same ones, or start afresh in another --out")
+                        f"resume with the same ones, or start afresh in another --out (a study: --out-root)")
 
 
 def refuse_to_replace(folder, config, full_budget, overwrite):
@@ -644,20 +654,22 @@ def refuse_to_replace(folder, config, full_budget, overwrite):
         return
     try:
         previous = read_run_info(folder)
-    except RunFolderError:
-        return
+    except RunFolderError:  # a checkpoint resumes without run.json, so it is kept all the same
+        previous = {"status": "unknown"}
     done = previous.get("epochs_done")
-    if previous.get("status") not in (None, "complete") and (Path(folder) / CHECKPOINT_FILE).is_file():
-        raise UserError(f"{folder} holds an unfinished run ({done}/{previous.get('planned_epochs', '?')} "
-                        f"epochs) and its checkpoint: pass --resume to continue it, or --overwrite to "
-                        f"start afresh (in a notebook: resume = True or overwrite = True)")
+    if previous.get("status") != "complete" and (Path(folder) / CHECKPOINT_FILE).is_file():
+        progress = f"{'?' if done is None else done}/{previous.get('planned_epochs', '?')}"
+        raise UserError(f"{folder} holds an unfinished run ({progress} epochs) and its checkpoint: pass --resume "
+                        f"to continue it, or --overwrite to start afresh (in a notebook: resume = True or "
+                        f"overwrite = True)")
     if previous.get("budget") == "full" and done:
         differing = differing_settings(previous.get("config", {}), config)
         if not full_budget or differing:
             replacement = (f"a run with other settings ({', '.join(differing)})" if full_budget
                            else "a smoke run")
             raise UserError(f"{folder} holds a full-budget run ({done} epochs); {replacement} would replace "
-                            f"it: pass another --out, or --overwrite (in a notebook: out_dir, or overwrite = True)")
+                            f"it: pass another --out (a study: --out-root), or --overwrite (in a notebook: "
+                            f"out_dir, or overwrite = True)")
 
 
 def now():

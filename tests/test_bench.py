@@ -113,17 +113,19 @@ def test_study_runs_in_parallel_skips_complete_runs_and_reports_failures(tmp_pat
     assert "started" not in nowhere.stdout
 
 
-def test_study_skips_an_experiment_whose_twin_earlier_in_it_runs_the_same_settings(tmp_path):
+def test_study_skips_an_experiment_whose_twin_earlier_in_it_runs_the_same_settings(tmp_path, fake_data):
+    from common.data import load_cifar10
     from common.experiments import EXPERIMENTS
     from common.study import finished, study, twin_in_study
     relu, sgd = "changing_activations/relu", "changing_optimisers/sgd"
-    configs = {name: EXPERIMENTS[name].config for name in (relu, sgd)}
+    configs = {name: EXPERIMENTS[name].config.replace(data_dir=str(fake_data)) for name in (relu, sgd)}
     assert twin_in_study(sgd, configs) == relu and twin_in_study(relu, configs) is None
     assert twin_in_study(sgd, {name: config.replace(epochs=1) for name, config in configs.items()}) is None
     assert twin_in_study(sgd, {sgd: configs[sgd]}) is None
     (tmp_path / relu).mkdir(parents=True)  # relu complete: nothing to launch
     (tmp_path / relu / "run.json").write_text(json.dumps(
-        {"status": "complete", "config": json.loads(json.dumps(configs[relu].to_dict()))}))
+        {"status": "complete", "config": json.loads(json.dumps(configs[relu].to_dict())),
+         "data": {"sha256": load_cifar10(fake_data, allow_download=False).digest}}))
     outcomes = study(configs, out_root=tmp_path)
     assert outcomes == {relu: "skipped (complete)",
                         sgd: f"skipped ({relu} has the same settings: its run stands for both)"}

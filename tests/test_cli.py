@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from common.cli import main
-from common.config import Config, UserError, parse_settings
+from common.config import Config, UserError, differing_settings, parse_settings, train_arguments
 from common.experiments import EXPERIMENTS
 from conftest import REPO
 
@@ -69,7 +69,7 @@ def test_train_seeds_writes_sibling_folders_and_their_summary(tmp_path, fake_dat
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "seeds.json").read_text())
     assert summary["seeds"] == [7, 8] and (tmp_path / "seed8" / "model.pt").is_file()
-    assert "fast94 over 2 seed(s): final test accuracy" in result.stdout
+    assert "fast94 over 2 seed(s): test accuracy at the end (end-of-run evaluation, else last epoch)" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -185,3 +185,25 @@ def test_charts_command(tmp_path):
 def test_committed_notebooks_match_the_registry():
     result = cli("notebooks", "--check")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_train_arguments_give_back_every_changed_setting(monkeypatch):
+    from common import training
+    base = EXPERIMENTS["fast94"].config
+    config = base.replace(seed=3, epochs=2, subset=500, val=100, lr=0.05, widths=(8, 16, 16), activation=None,
+                          schedule="constant", warmup=0.0, data_dir="/data dir", device="cpu", compile=True)
+    given = {}
+    monkeypatch.setattr(training, "train", lambda experiment, **kwargs: given.update(kwargs))
+    assert in_process("train", "fast94", *train_arguments(base, config))[0] == 0
+    rebuilt = base.replace(**{k: v for k, v in given.items() if k not in ("out_dir", "overwrite", "resume")})
+    assert rebuilt.data_dir == "/data dir" and not differing_settings(config.to_dict(), rebuilt)
+    assert train_arguments(base, base) == []
+
+
+def test_ctrl_c_outside_a_run_says_only_interrupted(monkeypatch):
+    import common.report
+    def stopped(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.report, "build_report", stopped)
+    status, _, stderr = in_process("report")
+    assert status == 130 and stderr.strip() == "interrupted"  # no run folder to speak of

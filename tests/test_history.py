@@ -116,6 +116,10 @@ def test_the_state_of_each_run_folder_says_whether_it_is_done_going_or_resumable
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "run.json").write_text("[")
     assert experiment_state(tmp_path / "f") == "unreadable run.json"
+    (tmp_path / "f" / "checkpoint.pt").touch()
+    assert experiment_state(tmp_path / "f") == "unreadable run.json, resumable"
+    (tmp_path / "f" / "run.json").unlink()
+    assert experiment_state(tmp_path / "f") == "no run.json, resumable"
     run(tmp_path / "g" / "seed0", "complete", 50)
     run(tmp_path / "g" / "seed1", "interrupted", 7)
     assert experiment_state(tmp_path / "g") == "seed0 complete; seed1 interrupted 7/50"

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -238,7 +239,8 @@ def start_cli_run(folder, fake_data, *extra):
 
 
 def test_sigterm_to_the_command_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, fake_data, tiny):
-    settings = ["--epochs", "3", "--batch-size", "4", "--seed", "2"]  # 50 steps an epoch
+    settings = ["--epochs", "3", "--batch-size", "4", "--seed", "2",  # 50 steps an epoch
+                "--set", "label_smoothing=0.1"]
     folder = tmp_path / "stopped"
     process = start_cli_run(folder, fake_data, *settings)
     wait_for_epochs(folder, 1, process)
@@ -246,15 +248,20 @@ def test_sigterm_to_the_command_saves_a_checkpoint_and_the_resumed_run_is_exact(
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143
     last = stderr.strip().splitlines()[-1]
-    assert "stopped by SIGTERM at epoch" in last and f"--out {folder} --resume" in last
+    assert "stopped by SIGTERM at epoch" in last
+    hint = shlex.split(last.partition("resume with: ")[2].partition(" (in a notebook")[0])
+    assert hint[:4] == ["python", "-m", "common", "train"] and hint[hint.index("--out") + 1] == str(folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [*HISTORY_FILES.values(), "run.json", "checkpoint.pt"])  # no temporary files, no lock
     assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
     assert load_checkpoint(folder)["position"]["epoch"] >= 1
 
-    resumed = start_cli_run(folder, fake_data, *settings, "--resume")
-    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
-    train("res_512", out_dir=tmp_path / "straight", epochs=3, seed=2, **{**tiny, "batch_size": 4})
+    # The command as printed: it gives every changed setting again, as a resume must.
+    resumed = subprocess.run([sys.executable, *hint[1:]], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    train("res_512", out_dir=tmp_path / "straight", epochs=3, seed=2, label_smoothing=0.1,
+          **{**tiny, "batch_size": 4})
     straight, stopped = (histories_and_weights(tmp_path / d) for d in ("straight", "stopped"))
     assert straight[0] == stopped[0]
     assert all(torch.equal(straight[1][k], stopped[1][k]) for k in straight[1])

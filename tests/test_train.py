@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import subprocess
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from common import data as cifar
 from common import devices, training
+from common.experiments import get_experiment
 from common.config import Config, UserError
 from common.devices import resolve_device
 from common.history import HISTORY_FILES, load_checkpoint, read_history
@@ -184,11 +187,28 @@ def test_a_full_run_with_other_settings_does_not_replace_a_full_run(tmp_path, ti
     (tmp_path / "run.json").write_text(json.dumps({**info, "budget": "full"}))
     other = run.config.replace(lr=0.05, seed=3, device="auto")
     with pytest.raises(UserError, match=r"holds a full-budget run \(1 epochs\); a run with other settings "
-                                        r"\(lr, seed\) would replace it: pass another --out, or --overwrite"):
+                                        r"\(lr, seed\) would replace it: pass another --out \(a study: "
+                                        r"--out-root\), or --overwrite"):
         training.refuse_to_replace(tmp_path, other, full_budget=True, overwrite=False)
     # The same run again (where it runs aside) replaces it, as rerunning a notebook should.
     training.refuse_to_replace(tmp_path, run.config.replace(device="auto"), full_budget=True, overwrite=False)
     training.refuse_to_replace(tmp_path, other, full_budget=True, overwrite=True)
+
+
+def test_a_complete_run_is_the_same_run_again_only_with_the_same_settings_on_the_same_images(fake_data):
+    data = cifar.load_cifar10(fake_data, allow_download=False)
+    config = get_experiment("res_512").config
+    info = {"status": "complete", "config": config.to_dict(), "data": {"variant": data.variant, "sha256": data.digest}}
+    assert training.same_complete_run(info, config.replace(device="cpu", data_dir=str(fake_data)), data)
+    assert not training.same_complete_run({**info, "status": "interrupted"}, config, data)
+    assert not training.same_complete_run(info, config.replace(lr=0.05), data)
+    # a smoke run on the small data is no complete run on these images, for study or --seeds --resume
+    assert not training.same_complete_run({**info, "data": {"variant": "exact-small", "sha256": "0" * 64}},
+                                          config, data)
+    # a run recorded before the digest: told by its variant, the official pixels under either name
+    official = dataclasses.replace(data, variant="official")
+    assert training.same_complete_run({**info, "data": {"variant": "exact-offline"}}, config, official)
+    assert not training.same_complete_run({**info, "data": {"variant": "exact-small"}}, config, official)
 
 
 def test_a_fresh_start_does_not_wipe_an_unfinished_run_that_its_checkpoint_continues(tmp_path, tiny):
@@ -199,6 +219,15 @@ def test_a_fresh_start_does_not_wipe_an_unfinished_run_that_its_checkpoint_conti
     with pytest.raises(UserError, match=r"holds an unfinished run \(1/1 epochs\) and its checkpoint: pass --resume"):
         train("res_512", out_dir=tmp_path, epochs=1, **tiny)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"  # untouched
+    # A checkpoint resumes without run.json, so one beside a broken or missing run.json is kept too.
+    for run_json in ("[", None):
+        if run_json is None:
+            (tmp_path / "run.json").unlink()
+        else:
+            (tmp_path / "run.json").write_text(run_json)
+        with pytest.raises(UserError, match=r"holds an unfinished run \(\?/\? epochs\) and its checkpoint"):
+            train("res_512", out_dir=tmp_path, epochs=1, **tiny)
+        assert (tmp_path / "checkpoint.pt").exists()
     train("res_512", out_dir=tmp_path, epochs=1, overwrite=True, **tiny)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "complete"
 
