@@ -4,6 +4,7 @@ shown as "not run", never invented. Every label carries where its numbers came f
 Chart files are drawn on bare `Figure`s, so making them never touches pyplot's backend or state
 (a notebook keeps its inline plots); `plot_run` is the one pyplot figure, meant for display.
 """
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -168,8 +169,10 @@ def train_vs_test_chart(runs, names, path):
         else:
             plot_accuracy(ax, run.history)
             ax.legend(fontsize=8)
-        ax.set_title(f"{name}" + (f"\n{run.provenance}" if run else ""), fontsize=10)
+        # A run resumed on other devices has a long provenance: wrapped, it stays above its own axes.
+        ax.set_title(f"{name}" + (f"\n{textwrap.fill(run.provenance, 60)}" if run else ""), fontsize=10)
     save(fig, path)
+    return fig
 
 
 def every_run(training_dir, name):

@@ -2,7 +2,8 @@ import json
 
 from PIL import Image
 
-from common.charts import collect_groups, make_charts, results_markdown, summary_rows, summary_table
+from common.charts import (TRAIN_VS_TEST, collect_groups, make_charts, representative_runs, results_markdown,
+                           summary_rows, summary_table, train_vs_test_chart)
 from common.experiments import EXPERIMENTS
 from common.models import count_parameters, model_from_config
 from common.history import HISTORY_FILES, write_history, write_run_info
@@ -62,6 +63,18 @@ def test_a_run_resumed_on_another_device_names_both(tmp_path):
     rows = {row[0]: row for row in summary_rows(collect_groups(tmp_path))}
     assert rows["res_512"][4] == "H100 80GB HBM3 + CPU: Intel Xeon @ 2.50GHz, 2 threads"  # vendor marks left out
     assert rows["res_512"][10] == "10.0 min (in 3 parts)"  # the sum of them: not what it needs alone
+
+
+def test_a_long_provenance_stays_above_its_own_chart(tmp_path):
+    for name in TRAIN_VS_TEST:
+        fake_run(tmp_path / name, [0.4, 0.6])
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        resumes = [{"at": "2026-12-06T21:55:50+00:00", "device": "CPU: AMD EPYC (AVX2), 2 threads"}]
+        write_run_info(tmp_path / name, {**info, "resumed": resumes, "git": {"commit": "0" * 40, "dirty": True}})
+    fig = train_vs_test_chart(representative_runs(collect_groups(tmp_path)), TRAIN_VS_TEST, tmp_path / "t.png")
+    for ax in fig.axes:
+        assert "AVX2" in ax.get_title() and "uncommitted code" in ax.get_title()
+        assert ax.title.get_window_extent().width <= ax.get_window_extent().width, ax.get_title()
 
 
 def test_an_experiment_without_a_run_shows_its_twins_unchanged_run_labelled_as_such(tmp_path):
